@@ -173,21 +173,10 @@ class SemanticNoiseWrapper(nn.Module):
             )
         zero = y.new_zeros((), dtype=torch.float32)
         rec_x = rec_z = rec_h = zero
-        y_base = y.softmax(dim=1) if cfg.y_space == "probs" else y
-        ze = None
-        if self.head_decoder is not None:
-            head_in = [z, *head_vals]
-            if cfg.perturb == "class_conditional":
-                ye = minmax_noise(y_base, cfg.noise_std, per=cfg.noise_range)
-                both = self.head_decoder(torch.cat([y_base, y_base + ye]), head_in)
-                z_rec, z_rec_perturbed = both.chunk(2)
-                ze = z_rec_perturbed - z_rec
-            else:
-                z_rec = self.head_decoder(y_base, head_in)
-            if cfg.reconstruction == "split":
-                rec_z = l2(z, z_rec, cfg.l2_reduction)
-        if cfg.perturb == "random":
-            ze = minmax_noise(z, cfg.noise_std, per=cfg.noise_range)
+        y_base = self._y_base(y)
+        z_rec, ze = self._latent_noise(z, y_base, head_vals, cfg.perturb, cfg.noise_std)
+        if z_rec is not None and cfg.reconstruction == "split":
+            rec_z = l2(z, z_rec, cfg.l2_reduction)
         if cfg.reconstruction == "split" and self.input_decoder is not None:
             x_rec = self.input_decoder(z, [x_in, *enc_vals])
             rec_x = l2(x, x_rec, cfg.l2_reduction)
@@ -204,6 +193,67 @@ class SemanticNoiseWrapper(nn.Module):
             y_perturbed, _ = self._head.fn(z + ze.to(z.dtype))
         self._last = _Step(y, y_perturbed, rec_x, rec_z, rec_h)
         return y
+
+    def _y_base(self, y: Tensor) -> Tensor:
+        return y.softmax(dim=1) if self.config.y_space == "probs" else y
+
+    def _latent_noise(
+        self, z: Tensor, y_base: Tensor, head_vals: list[Tensor], kind: str | None, std: float
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(zR, ze)``: the head decoder's reconstruction of z (when g2' runs) and the
+        additive latent noise of ``kind`` (``None`` for no perturbation)."""
+        cfg = self.config
+        z_rec = ze = None
+        if self.head_decoder is not None or kind == "class_conditional":
+            if self.head_decoder is None:
+                raise UnsupportedLayerError("Class-conditional noise needs the head decoder g2'.")
+            head_in = [z, *head_vals]
+            if kind == "class_conditional":
+                ye = minmax_noise(y_base, std, per=cfg.noise_range)
+                both = self.head_decoder(torch.cat([y_base, y_base + ye]), head_in)
+                z_rec, z_rec_perturbed = both.chunk(2)
+                ze = z_rec_perturbed - z_rec  # Eq. 9: g2'(y + ye) - g2'(y)
+            else:
+                z_rec = self.head_decoder(y_base, head_in)
+        if kind == "random":
+            ze = minmax_noise(z, std, per=cfg.noise_range)
+        return z_rec, ze
+
+    # -- analysis (figures, diagnostics) ----------------------------------------------------
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The latent ``z = f1(x)`` (runs in the current mode; no state is stored)."""
+        return self._encoder.fn(x)[0]
+
+    def head_logits(self, z: Tensor) -> Tensor:
+        """``f2(z)``."""
+        return self._head.fn(z)[0]
+
+    def perturb_latent(
+        self, x: Tensor, kind: str = "class_conditional", std: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(z, z + ze)`` for inputs ``x``, with the noise of ``kind`` (``"random"`` or
+        ``"class_conditional"``) exactly as training draws it; ``std`` defaults to the
+        config's ``noise_std``."""
+        if kind not in ("random", "class_conditional"):
+            raise ConfigError(f"kind must be 'random' or 'class_conditional', got {kind!r}.")
+        z, _ = self._encoder.fn(x)
+        y, head_vals = self._head.fn(z)
+        std = self.config.noise_std if std is None else std
+        _, ze = self._latent_noise(z, self._y_base(y), head_vals, kind, std)
+        return z, z + ze
+
+    def reconstruct_input(self, z: Tensor, x: Tensor) -> Tensor:
+        """``g1'(z)``: the input decoded from latents ``z`` (``x`` gives the shapes: one
+        example input per row of ``z``, or a single example broadcast)."""
+        if self.input_decoder is None:
+            raise ConfigError(
+                f"This wrapper has no input decoder (input_decoder={self.input_decoder_mode!r})."
+            )
+        if x.shape[0] != z.shape[0]:
+            x = x[:1].expand(z.shape[0], *x.shape[1:])
+        _, vals = self._encoder.fn(x)
+        return self.input_decoder(z, [x, *vals])
 
     # -- losses --------------------------------------------------------------------------
 
