@@ -36,7 +36,10 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "recon_all_denoise": {"reconstruction": "all", "perturb": None, "denoise_std": 0.1},
     "proposed_base_denoise": {"reconstruction": "split", "perturb": None, "denoise_std": 0.1},
     "ladder": None,
+    "isda": None,  # peers (latent_aug.peers): configured there, at the same latent split
+    "manifold_mixup": None,
 }
+PEER_METHODS = ("isda", "manifold_mixup")
 TABLE1_METHODS = [
     "feed_forward", "recon_one", "recon_all", "proposed_base", "perturb_random",
     "perturb_class_conditional",
@@ -57,7 +60,7 @@ class RunSpec:
     batch_size: int = 100
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS and not self.method.startswith(("isda", "manifold")):
+        if self.method not in METHODS:
             raise ConfigError(
                 f"Unknown method {self.method!r}.{close_matches(self.method, list(METHODS))} "
                 f"Methods: {', '.join(METHODS)}."
@@ -93,19 +96,24 @@ def build_model(spec: RunSpec, num_classes: int = 10) -> nn.Module:
         from .ladder import LadderNetwork
 
         return LadderNetwork()
+    options = dict(spec.options)
     model = reference_backbone(spec.dataset)
+    if options.pop("init", "glorot") == "torch":  # ablation: PyTorch's default init instead
+        for m in model.modules():
+            if hasattr(m, "reset_parameters") and m is not model:
+                m.reset_parameters()
     overrides = METHODS.get(spec.method)
-    if spec.method.startswith(("isda", "manifold")):
+    if spec.method in PEER_METHODS:
         from . import peers
 
-        return peers.build(spec.method, model, LATENT[spec.dataset], dict(spec.options))
+        return peers.build(spec.method, model, LATENT[spec.dataset], options)
     if overrides is None:
         return model
     from .wrapper import wrap
 
     lam = PAPER_LAMBDAS[spec.dataset]
-    options = {"lambda1": lam, "lambda2": lam, **overrides, **dict(spec.options)}
-    return wrap(model, split=LATENT[spec.dataset], **options)
+    return wrap(model, split=LATENT[spec.dataset],
+                **{"lambda1": lam, "lambda2": lam, **overrides, **options})
 
 
 @torch.no_grad()

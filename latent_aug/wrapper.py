@@ -41,8 +41,8 @@ _FLAG = "_latent_aug_wrapped"
 
 
 @dataclass
-class _Step:
-    """What one training forward leaves for ``aux_loss``."""
+class TrainingTerms:
+    """What one training forward computes: the logits and the raw auxiliary terms."""
 
     logits: Tensor
     perturbed_logits: Tensor | None
@@ -146,7 +146,7 @@ class SemanticNoiseWrapper(nn.Module):
         self.input_decoder_mode = mode
         self._encoder = enc  # plain attributes: their modules are the model's own
         self._head = hd
-        self._last: _Step | None = None
+        self._last: TrainingTerms | None = None
         self.last_losses: LossBreakdown | None = None
         model.__dict__[_FLAG] = True
 
@@ -163,6 +163,12 @@ class SemanticNoiseWrapper(nn.Module):
                 "In training mode the wrapper takes one input tensor x; extra forward "
                 "arguments are only passed through in eval mode."
             )
+        self._last = self.training_terms(x)
+        return self._last.logits
+
+    def training_terms(self, x: Tensor) -> TrainingTerms:
+        """Everything one training step computes from ``x``, without storing it (a pure
+        function of the parameters: usable under ``torch.func.functional_call``/``vmap``)."""
         cfg = self.config
         x_in = x + cfg.denoise_std * torch.randn_like(x) if cfg.denoise_std > 0 else x
         z, enc_vals = self._encoder.fn(x_in)
@@ -191,8 +197,7 @@ class SemanticNoiseWrapper(nn.Module):
             if cfg.detach_noise:
                 ze = ze.detach()
             y_perturbed, _ = self._head.fn(z + ze.to(z.dtype))
-        self._last = _Step(y, y_perturbed, rec_x, rec_z, rec_h)
-        return y
+        return TrainingTerms(y, y_perturbed, rec_x, rec_z, rec_h)
 
     def _y_base(self, y: Tensor) -> Tensor:
         return y.softmax(dim=1) if self.config.y_space == "probs" else y
@@ -267,6 +272,19 @@ class SemanticNoiseWrapper(nn.Module):
                 "then model.aux_loss(targets)."
             )
         _check_targets(targets, step.logits)
+        out = self.step_losses(step, targets)
+        if self.config.check_finite:
+            for name, value in out._asdict().items():
+                if not bool(torch.isfinite(value)):
+                    raise NonFiniteLossError(
+                        f"Loss term {name!r} is {float(value)} (check_finite=True). Look for "
+                        f"NaN/inf in the inputs or a diverging learning rate."
+                    )
+        self.last_losses = out
+        return out
+
+    def step_losses(self, step: TrainingTerms, targets: Tensor) -> LossBreakdown:
+        """The loss terms of ``step`` (from :meth:`training_terms`), unchecked and pure."""
         cfg = self.config
         nll = (
             F.cross_entropy(step.perturbed_logits.float(), targets)
@@ -278,16 +296,7 @@ class SemanticNoiseWrapper(nn.Module):
             + cfg.lambda2 * (step.recon_latent + step.recon_hidden)
             + cfg.perturbed_weight * nll
         )
-        out = LossBreakdown(step.recon_input, step.recon_latent, step.recon_hidden, nll, total)
-        if cfg.check_finite:
-            for name, value in out._asdict().items():
-                if not bool(torch.isfinite(value)):
-                    raise NonFiniteLossError(
-                        f"Loss term {name!r} is {float(value)} (check_finite=True). Look for "
-                        f"NaN/inf in the inputs or a diverging learning rate."
-                    )
-        self.last_losses = out
-        return out
+        return LossBreakdown(step.recon_input, step.recon_latent, step.recon_hidden, nll, total)
 
     def aux_loss(self, targets: Tensor) -> Tensor:
         """``λ1·L2(x, xR) + λ2·L2(z, zR) + NLL(ŷ, t)`` for the last training forward."""

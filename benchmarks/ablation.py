@@ -1,0 +1,187 @@
+"""Which reading of the paper reproduces it? An ablation of the choices its text leaves open.
+
+Stage 1 ("factorial", one factor at a time): the library's base reading, then each open
+choice flipped alone, for the methods the choice can affect; MNIST, the paper's σ = 0.2 and
+λ = 0.03 unchanged, three sets. Stage 2 ("combos"): combinations of the flips that helped.
+
+    python benchmarks/ablation.py --stage factorial --per-class 100 50
+    python benchmarks/ablation.py --stage combos --combos "y_space=probs,detach_noise=True"
+
+Rows go to ``benchmarks/results/ablation.csv`` (resumable, like the reproduction benchmark);
+the ``tag`` column names the reading and the ``options`` column holds its settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, pstdev
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from benchmarks.paper_tables import PER_SET, TABLE1
+from latent_aug.grid import ResultStore, atomic_write_text, run_grid
+from latent_aug.protocol import RunSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROPOSED = ("proposed_base", "perturb_random", "perturb_class_conditional")
+
+#: reading -> (options, methods it can change). "base" is the library's default reading:
+#: y as logits, gradient through ze, mirrored ReLU on decoded hidden layers, L2 summed over
+#: features and averaged over the batch, z after fc1's ReLU, per-sample min-max range,
+#: decoder biases, Glorot init.
+READINGS: dict[str, tuple[dict, tuple[str, ...]]] = {
+    "base": ({}, ("feed_forward", *PROPOSED)),
+    "y=probs": ({"y_space": "probs"}, PROPOSED),
+    "ze detached": ({"detach_noise": True}, ("perturb_random", "perturb_class_conditional")),
+    "linear decoders": ({"decoder_activation": "linear"}, PROPOSED),
+    "L2 mean": ({"l2_reduction": "mean"}, PROPOSED),
+    "z before ReLU": ({"latent_after_activation": False}, PROPOSED),
+    "range per batch": ({"noise_range": "batch"}, ("perturb_random", "perturb_class_conditional")),
+    "no decoder bias": ({"decoder_bias": False}, PROPOSED),
+    "torch init": ({"init": "torch"}, ("feed_forward", *PROPOSED)),
+}
+
+
+def factorial_specs(per_class: list[int], splits: list[int], epochs: int, methods: list[str]):
+    specs, tags = [], {}
+    for n in per_class:
+        for s in splits:
+            for reading, (opts, affected) in READINGS.items():
+                for m in affected:
+                    if m not in methods:
+                        continue
+                    spec = RunSpec("mnist", m, n, s, epochs=epochs, options=tuple(opts.items()))
+                    specs.append(spec)
+                    tags[spec] = reading
+    return specs, tags
+
+
+def parse_combo(text: str) -> dict:
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        lowered = {"true": True, "false": False, "none": None}.get(value.lower(), value)
+        out[key.strip()] = lowered
+    return out
+
+
+def combo_specs(combos: list[str], per_class, splits, epochs, methods):
+    specs, tags = [], {}
+    for n in per_class:
+        for s in splits:
+            for text in combos:
+                opts = parse_combo(text)
+                for m in methods:
+                    if m == "feed_forward":
+                        continue
+                    spec = RunSpec("mnist", m, n, s, epochs=epochs,
+                                   options=tuple(sorted(opts.items())))
+                    specs.append(spec)
+                    tags[spec] = "combo: " + text
+    return specs, tags
+
+
+def report(rows: list[dict[str, str]]) -> str:
+    """Per size: reading × method table (mean ± std over sets), and pcc − base per set."""
+    cell: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        cell[(int(r["per_class"]), r["tag"], r["method"])][int(r["split"])] = float(
+            r["test_error"])
+    base_ff = {k[0]: v for k, v in cell.items() if k[1:] == ("base", "feed_forward")}
+    lines = ["# Ablation: readings of the paper (MNIST test error %, σ = 0.2, λ = 0.03)", ""]
+    meta = sorted({(r["device"], r["torch"], r["epochs"]) for r in rows})
+    lines += ["Device / torch / epochs: " + "; ".join(" / ".join(m) for m in meta) + ".", ""]
+    lines += ["Cells: mean ± std over the sets that ran, `[n]` = number of sets. "
+              "`pcc − pb`: class-conditional minus proposed_base in the same reading, paired "
+              "by set (negative = the class-conditional noise helps).", ""]
+    for n in sorted({k[0] for k in cell}):
+        paper = {m: TABLE1["mnist"][m][n] for m in ("feed_forward", *PROPOSED)}
+        lines += [f"## {n} examples per class", "",
+                  "| reading | feed_forward | proposed_base | perturb_random | "
+                  "perturb_class_conditional | pcc − pb |", "|---|---|---|---|---|---|"]
+        lines.append("| paper (Table 1) | " + " | ".join(
+            f"{paper[m]:.2f}" for m in ("feed_forward", *PROPOSED)) + " | "
+            f"{paper['perturb_class_conditional'] - paper['proposed_base']:+.2f} |")
+        tags = sorted({k[1] for k in cell if k[0] == n}, key=_tag_order)
+        for tag in tags:
+            out = []
+            for m in ("feed_forward", *PROPOSED):
+                vals = cell.get((n, tag, m)) or (base_ff.get(n) if m == "feed_forward" else None)
+                if not vals:
+                    out.append("")
+                    continue
+                v = list(vals.values())
+                inherited = "" if (n, tag, m) in cell else " (base)"
+                out.append(f"{mean(v):.2f} ± {pstdev(v):.2f} [{len(v)}]{inherited}")
+            pcc, pb = cell.get((n, tag, "perturb_class_conditional")), cell.get(
+                (n, tag, "proposed_base")) or cell.get((n, "base", "proposed_base"))
+            diff = ""
+            if pcc and pb:
+                common = sorted(set(pcc) & set(pb))
+                if common:
+                    d = [pcc[s] - pb[s] for s in common]
+                    diff = f"{mean(d):+.2f} (sets {','.join(map(str, common))})"
+            lines.append(f"| {tag} | " + " | ".join(out) + f" | {diff} |")
+        lines.append("")
+    pcc_sets = PER_SET["mnist"]["perturb_class_conditional"]
+    per_set = ", ".join(
+        f"{n}: " + "/".join(f"{pcc_sets[s][n]:.2f}" for s in (1, 2, 3))
+        for n in sorted({k[0] for k in cell})
+    )
+    lines += [f"Paper per-set perturb_class_conditional (set 1/2/3): {per_set}.", ""]
+    return "\n".join(lines)
+
+
+def _tag_order(tag: str) -> tuple[int, str]:
+    names = list(READINGS)
+    return (names.index(tag) if tag in names else len(names), tag)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["factorial", "combos"], default="factorial")
+    p.add_argument("--combos", nargs="*", default=[],
+                   help='comma-separated option sets, e.g. "y_space=probs,detach_noise=True"')
+    p.add_argument("--per-class", nargs="+", type=int, default=[100, 50])
+    p.add_argument("--splits", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3])
+    p.add_argument("--methods", nargs="+", default=["feed_forward", *PROPOSED])
+    p.add_argument("--epochs", type=int, default=120)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--results", default=str(RESULTS / "ablation.csv"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    store = ResultStore(args.results)
+    if not args.report_only:
+        if args.stage == "factorial":
+            specs, tags = factorial_specs(args.per_class, args.splits, args.epochs, args.methods)
+        else:
+            specs, tags = combo_specs(args.combos, args.per_class, args.splits, args.epochs,
+                                      args.methods)
+        workers = args.workers or (1 if args.device.startswith("cuda")
+                                   else max(1, torch.get_num_threads()))
+        start = time.perf_counter()
+        run_grid(specs, store, data_dir=args.data_dir, device=args.device, workers=workers,
+                 threads=1 if workers > 1 else None, tags=tags)
+        print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
+    rows = store.rows()
+    if rows:
+        text = report(rows)
+        given = argv if argv is not None else sys.argv[1:]
+        atomic_write_text(Path(args.results).with_suffix(".md"),
+                          text + f"\nCommand: `python benchmarks/ablation.py {' '.join(given)}`\n")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Grid bookkeeping: atomic CSV rows, resume, and a grid killed with SIGKILL mid-run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latent_aug import grid
+from latent_aug.data import DataSplit
+from latent_aug.grid import COLUMNS, KEY, ResultStore, atomic_write_text, run_grid, spec_key
+from latent_aug.protocol import RunSpec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two threads are ~100x slower per step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _row(method: str, split: int = 1, **extra: object) -> dict[str, object]:
+    return {"dataset": "mnist", "method": method, "per_class": 2, "split": split,
+            "epochs": 1, "options": "", "test_error": "50.00", **extra}
+
+
+def spec_key_of(row: dict[str, object]) -> tuple[str, ...]:
+    """The resume key of a CSV row, as :func:`latent_aug.grid.spec_key` builds it for a spec."""
+    return tuple(str(row[k]) for k in KEY)
+
+
+def _tmp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic_write_text and ResultStore
+# ----------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_text_replaces_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "out.txt"
+    atomic_write_text(path, "one\n")
+    atomic_write_text(path, "two\n")
+    assert path.read_text() == "two\n"
+    assert _tmp_files(path.parent) == []
+
+
+def test_atomic_write_text_keeps_the_old_file_when_writing_raises(tmp_path: Path) -> None:
+    path = tmp_path / "out.csv"
+    path.write_text("old,contents\n")
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(path, "new,contents\n" * 1000 + "\ud800")  # fails part-way
+    assert path.read_text() == "old,contents\n"
+    assert _tmp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_atomic_write_text_keeps_the_old_file_when_sync_or_replace_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    path = tmp_path / "out.csv"
+    path.write_text("old\n")
+
+    def boom(*args: object) -> None:
+        raise error
+
+    for target in ("fsync", "replace"):
+        with monkeypatch.context() as m:
+            m.setattr(grid.os, target, boom)
+            with pytest.raises(type(error)):
+                atomic_write_text(path, "new\n")
+        assert path.read_text() == "old\n", target
+        assert _tmp_files(tmp_path) == [], target
+
+
+def test_result_store_appends_rows_in_order(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "results.csv")
+    assert store.rows() == [] and store.done() == set()
+    store.append(_row("feed_forward", tag='has "quotes", commas\nand a newline', extra="x"))
+    store.append(_row("proposed_base"))
+    rows = store.rows()
+    assert [r["method"] for r in rows] == ["feed_forward", "proposed_base"]
+    assert rows[0]["tag"] == 'has "quotes", commas\nand a newline'
+    assert "extra" not in rows[0] and rows[1]["seconds"] == ""  # unknown dropped, missing empty
+    with (tmp_path / "results.csv").open(newline="") as f:
+        header = next(csv.reader(f))
+    assert header == COLUMNS
+    assert store.done() == {
+        ("mnist", "feed_forward", "2", "1", "1", ""),
+        ("mnist", "proposed_base", "2", "1", "1", ""),
+    }
+    assert _tmp_files(tmp_path) == []
+
+
+def test_result_store_append_that_fails_keeps_every_finished_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ResultStore(tmp_path / "results.csv")
+    store.append(_row("feed_forward"))
+    before = (tmp_path / "results.csv").read_bytes()
+
+    def boom(*args: object) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(grid.os, "replace", boom)
+    with pytest.raises(OSError):
+        store.append(_row("proposed_base"))
+    assert (tmp_path / "results.csv").read_bytes() == before
+    assert [r["method"] for r in store.rows()] == ["feed_forward"]
+
+
+# ----------------------------------------------------------------------------------------------
+# run_grid resumes
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiny_split(seed: int = 0) -> DataSplit:
+    gen = torch.Generator().manual_seed(seed)
+    n, m = 20, 10
+    return DataSplit(
+        dataset="mnist",
+        train_x=torch.rand(n, 1, 28, 28, generator=gen) - 0.5,
+        train_y=torch.arange(n) % 10,
+        valid_x=torch.rand(m, 1, 28, 28, generator=gen) - 0.5,
+        valid_y=torch.arange(m) % 10,
+        test_x=torch.rand(m, 1, 28, 28, generator=gen) - 0.5,
+        test_y=torch.arange(m) % 10,
+        mean=torch.full((1,), 0.5),
+        train_indices=torch.arange(n),
+        crop=None,
+    )
+
+
+SPECS = [
+    RunSpec("mnist", "feed_forward", per_class=2, split=1, epochs=1, batch_size=10),
+    RunSpec("mnist", "proposed_base", per_class=2, split=1, epochs=1, batch_size=10),
+    RunSpec("mnist", "perturb_class_conditional", per_class=2, split=1, epochs=1,
+            batch_size=10),
+    RunSpec("mnist", "perturb_class_conditional", per_class=2, split=1, epochs=1,
+            batch_size=10, options=(("noise_std", 0.1),)),
+]
+
+
+def test_run_grid_skips_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grid, "_data_for", lambda spec, *a: _tiny_split(spec.split))
+    trained: list[RunSpec] = []
+    real_train_run = grid.train_run
+
+    def counting_train_run(spec, data, **kw):
+        trained.append(spec)
+        return real_train_run(spec, data, **kw)
+
+    monkeypatch.setattr(grid, "train_run", counting_train_run)
+    store = ResultStore(tmp_path / "grid.csv")
+
+    first = run_grid(SPECS[:2], store, progress=False)
+    assert trained == SPECS[:2]
+    assert [spec_key_of(r) for r in first] == [spec_key(s) for s in SPECS[:2]]
+    rows_after_first = store.rows()
+
+    trained.clear()
+    second = run_grid(SPECS, store, progress=False)
+    assert trained == SPECS[2:]  # the runs with options are not confused with the plain one
+    assert [spec_key_of(r) for r in second] == [spec_key(s) for s in SPECS[2:]]
+    assert store.rows()[:2] == rows_after_first  # finished rows untouched
+
+    trained.clear()
+    assert run_grid(SPECS, store, progress=False) == []
+    assert trained == []
+    keys = [spec_key_of(r) for r in store.rows()]
+    assert sorted(keys) == sorted(spec_key(s) for s in SPECS)
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGKILL in the middle of a grid, then resume
+# ----------------------------------------------------------------------------------------------
+
+KILL_SPECS = [
+    RunSpec("mnist", method, per_class=2, split=split, epochs=2, batch_size=4)
+    for split in (1, 2, 3)
+    for method in ("feed_forward", "perturb_class_conditional")
+]
+
+# The child trains KILL_SPECS on the tiny mnist.npz through the real loader.
+_CHILD = f"""
+import sys
+from latent_aug.grid import ResultStore, run_grid
+from latent_aug.protocol import RunSpec
+
+data_dir, csv_path = sys.argv[1], sys.argv[2]
+specs = {KILL_SPECS!r}
+run_grid(specs, ResultStore(csv_path), data_dir=data_dir, threads=1, progress=False)
+"""
+
+
+def _write_tiny_mnist(folder: Path) -> None:
+    """A ``mnist.npz`` in the real layout: uint8 ``(N, 28, 28)`` images, int64 labels."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for name, n in (("train", 60), ("valid", 100), ("test", 100)):
+        arrays[f"x_{name}"] = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        arrays[f"y_{name}"] = (np.arange(n) % 10).astype(np.int64)
+    np.savez(folder / "mnist.npz", **arrays)
+
+
+def _complete_rows(path: Path) -> list[dict[str, str]]:
+    """Parse the CSV and check every row has every column, with numbers where numbers go."""
+    with path.open(newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == COLUMNS
+    for line in table[1:]:
+        assert len(line) == len(COLUMNS), line
+    rows = [dict(zip(COLUMNS, line)) for line in table[1:]]
+    for r in rows:
+        float(r["test_error"]), float(r["best_val_error"]), float(r["seconds"])
+        assert int(r["best_epoch"]) >= 1 and int(r["epochs"]) == 2
+        assert r["date"].endswith("Z") and r["device"]
+    return rows
+
+
+def test_grid_killed_mid_run_keeps_complete_rows_and_resumes(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    _write_tiny_mnist(data_dir)
+    csv_path = tmp_path / "grid.csv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(data_dir), str(csv_path)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and child.poll() is None:
+            if csv_path.exists() and len(ResultStore(csv_path).rows()) >= 1:
+                break
+            time.sleep(0.02)
+        assert child.poll() is None, f"child ended early: {child.stderr.read().decode()}"
+        assert csv_path.exists(), "no row within the time limit"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+
+    before = _complete_rows(csv_path)
+    assert 1 <= len(before) < len(KILL_SPECS), "the kill should land in the middle of the grid"
+    done_keys = {spec_key_of(r) for r in before}
+    assert len(done_keys) == len(before)
+
+    # Resume in-process over the same grid: only the unfinished runs are trained.
+    new = run_grid(KILL_SPECS, ResultStore(csv_path), data_dir=str(data_dir), progress=False)
+    assert len(new) == len(KILL_SPECS) - len(before)
+    assert not {spec_key_of(r) for r in new} & done_keys
+
+    after = _complete_rows(csv_path)
+    assert after[: len(before)] == before  # finished rows are kept byte for byte
+    assert sorted(spec_key_of(r) for r in after) == sorted(spec_key(s) for s in KILL_SPECS)
