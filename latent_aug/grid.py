@@ -149,6 +149,36 @@ def execute(
     return result_row(spec, result, device_name(device), tag)
 
 
+def execute_group(
+    specs: list[RunSpec],
+    data_dir: str | None,
+    device: str,
+    download: bool = False,
+    events: Any = None,
+    run_ids: list[int] | None = None,
+    tags: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Train runs that differ only in their set together (vmap); return their CSV rows."""
+    from .vectorized import train_runs_vectorized
+
+    datas = []
+    for spec in specs:
+        _DATA_CACHE.clear()
+        datas.append(_data_for(spec, data_dir, device, download))
+    ids = run_ids or list(range(len(specs)))
+
+    def on_epoch(r: int, epoch: int, val: float) -> None:
+        if events is not None:
+            events.put((ids[r], epoch, val))
+
+    results = train_runs_vectorized(specs, datas, on_epoch=on_epoch)
+    tags = tags or [""] * len(specs)
+    return [
+        result_row(s, res, device_name(device), tag) | {"tag": tag or "vectorized"}
+        for s, res, tag in zip(specs, results, tags)
+    ]
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -164,8 +194,13 @@ def run_grid(
     download: bool = False,
     tags: dict[RunSpec, str] | None = None,
     progress: bool = True,
+    vectorize: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every spec not yet in ``store``; return the new rows (in completion order)."""
+    """Run every spec not yet in ``store``; return the new rows (in completion order).
+
+    ``vectorize=True`` trains the sets of each grid cell together (see
+    :mod:`latent_aug.vectorized`); methods that cannot be vectorized run one at a time.
+    """
     from tqdm.auto import tqdm
 
     done = store.done()
@@ -188,9 +223,12 @@ def run_grid(
         s = todo[run_id]
         status[run_id] = f"{s.method}@{s.per_class}/set{s.split} ep{epoch} val {val:.2f}%"
         bar.update(1)
+        if epoch == s.epochs:
+            status.pop(run_id)
         bar.set_postfix_str(" | ".join(status.values()), refresh=False)
 
-    if workers <= 1 or device.startswith("cuda"):
+    jobs = _jobs(todo, tags, vectorize)
+    if workers <= 1:
         if threads:
             torch.set_num_threads(threads)
 
@@ -198,11 +236,10 @@ def run_grid(
             def put(self, item: tuple[int, int, float]) -> None:
                 show(*item)
 
-        for i, spec in enumerate(todo):
-            row = execute(spec, data_dir, device, download, _Direct(), i, tags.get(spec, ""))
-            store.append(row)
-            new_rows.append(row)
-            status.pop(i, None)
+        for fn, what, ids, tag in jobs:
+            for row in _as_rows(fn(what, data_dir, device, download, _Direct(), ids, tag)):
+                store.append(row)
+                new_rows.append(row)
         bar.close()
         return new_rows
 
@@ -212,22 +249,44 @@ def run_grid(
         initargs=(threads or 1,),
     ) as pool:
         events = manager.Queue()
-        futures = {
-            pool.submit(execute, s, data_dir, device, download, events, i, tags.get(s, "")): i
-            for i, s in enumerate(todo)
+        pending = {
+            pool.submit(fn, what, data_dir, device, download, events, ids, tag)
+            for fn, what, ids, tag in jobs
         }
-        pending = set(futures)
         while pending:
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             _drain(events, show)
             for fut in finished:
-                row = fut.result()
-                store.append(row)
-                new_rows.append(row)
-                status.pop(futures[fut], None)
+                for row in _as_rows(fut.result()):
+                    store.append(row)
+                    new_rows.append(row)
         _drain(events, show)
     bar.close()
     return new_rows
+
+
+def _jobs(todo: list[RunSpec], tags: dict[RunSpec, str], vectorize: bool) -> list[tuple]:
+    """``(function, spec(s), run id(s), tag(s))`` per unit of work."""
+    from .vectorized import group_key
+
+    jobs: list[tuple] = []
+    if vectorize:
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(todo):
+            groups.setdefault(group_key(s), []).append(i)
+        for ids in groups.values():
+            specs = [todo[i] for i in ids]
+            if len(ids) > 1 and specs[0].method not in ("ladder", "isda", "manifold_mixup"):
+                jobs.append((execute_group, specs, ids, [tags.get(s, "") for s in specs]))
+            else:
+                jobs += [(execute, todo[i], i, tags.get(todo[i], "")) for i in ids]
+    else:
+        jobs = [(execute, s, i, tags.get(s, "")) for i, s in enumerate(todo)]
+    return jobs
+
+
+def _as_rows(result: dict | list[dict]) -> list[dict]:
+    return result if isinstance(result, list) else [result]
 
 
 def _drain(events: Any, show: Any) -> None:
