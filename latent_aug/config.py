@@ -103,8 +103,9 @@ class SemanticNoiseConfig:
 
     @property
     def uses_head_decoder(self) -> bool:
-        """Whether g2' (y -> z) runs: for the latent term or the class-conditional noise."""
-        return self.reconstruction != "none" or self.perturb == "class_conditional"
+        """Whether g2' (y -> z) runs: for the latent term of Eq. 5 or the class-conditional
+        noise. (``"input"``/``"all"`` decode top-down with their own full decoder.)"""
+        return self.reconstruction == "split" or self.perturb == "class_conditional"
 
     def replace(self, **changes: Any) -> SemanticNoiseConfig:
         """A copy with ``changes`` applied (validated)."""

@@ -133,13 +133,18 @@ def _keep_reference(step: nn.Module, name: str, module: nn.Module) -> None:
     object.__setattr__(step, name, module)
 
 
+def _zero_bias(weight: Tensor, size: int) -> nn.Parameter:
+    """A decoder bias on the encoder weight's device and in its dtype."""
+    return nn.Parameter(torch.zeros(size, device=weight.device, dtype=weight.dtype))
+
+
 class TiedLinear(nn.Module):
     """``v: (..., out) -> (..., in)``: ``v @ W + b`` with ``W`` the encoder's own weight."""
 
     def __init__(self, source: nn.Linear, bias: bool) -> None:
         super().__init__()
         _keep_reference(self, "source", source)
-        self.bias = nn.Parameter(torch.zeros(source.in_features)) if bias else None
+        self.bias = _zero_bias(source.weight, source.in_features) if bias else None
 
     def forward(self, v: Tensor, x_in: Tensor) -> Tensor:
         out = v @ self.source.weight.to(v.dtype)
@@ -162,7 +167,7 @@ class TiedConv(nn.Module):
         _keep_reference(self, "source", source)
         self.dims = len(source.kernel_size)
         self.padding = _explicit_padding(source)
-        self.bias = nn.Parameter(torch.zeros(source.in_channels)) if bias else None
+        self.bias = _zero_bias(source.weight, source.in_channels) if bias else None
 
     def forward(self, v: Tensor, x_in: Tensor) -> Tensor:
         src = self.source

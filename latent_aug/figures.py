@@ -19,7 +19,6 @@ neither.
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import dataclasses
 import io
@@ -654,47 +653,17 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn
 
 
 def train_model(spec: Any, data: Any, *, log: Callable[[str], None] | None = None) -> nn.Module:
-    """Train ``spec``'s network on ``data`` (a :class:`~latent_aug.data.DataSplit`) with the
-    loop of :func:`latent_aug.protocol.train_run` (Adam, step schedule, same seeds, batch
-    order and crops) and return it with the weights of the best validation epoch, in eval
-    mode. (``train_run`` returns only the metrics; the figures need the network.)"""
-    from .data import random_crop_flip
-    from .protocol import LEARNING_RATE, build_model, error_rate, lr_at
+    """Train ``spec``'s network on ``data`` with :func:`latent_aug.protocol.fit` (the paper's
+    protocol) and return it with the weights of the best validation epoch, in eval mode."""
+    from .protocol import fit
 
-    device = data.train_x.device
-    torch.manual_seed(spec.seed)
-    model = build_model(spec).to(device)
-    gen = torch.Generator(device=device).manual_seed(spec.seed)
-    base_lr = LEARNING_RATE[spec.dataset]
-    opt = torch.optim.Adam(model.parameters(), lr=base_lr, betas=(0.9, 0.999))
-    aux = getattr(model, "aux_loss", None)
-    n = data.train_x.shape[0]
-    best, best_state = float("inf"), None
-    for epoch in range(spec.epochs):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, base_lr, spec.epochs)
-        model.train()
-        order = torch.randperm(n, generator=gen, device=device)
-        for i in range(0, n, spec.batch_size):
-            idx = order[i : i + spec.batch_size]
-            xb, yb = data.train_x[idx], data.train_y[idx]
-            if data.crop:
-                xb = random_crop_flip(xb, data.crop, generator=gen)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            if aux is not None:
-                loss = loss + aux(yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        val = float(error_rate(model, data.valid_x, data.valid_y, data.crop))
-        if val < best:
-            best, best_state = val, copy.deepcopy(model.state_dict())
+    def on_epoch(epoch: int, val: float) -> None:
         if log is not None:
-            log(f"  {spec.per_class}/class epoch {epoch + 1}/{spec.epochs}: "
+            log(f"  {spec.per_class}/class epoch {epoch}/{spec.epochs}: "
                 f"validation error {val:.2f}%")
-    model.load_state_dict(best_state)
-    return model.eval()
+
+    model, _ = fit(spec, data, on_epoch=on_epoch)
+    return model
 
 
 def _trained(spec: Any, data: Any, checkpoint_dir: str | os.PathLike | None, device: str,

@@ -40,7 +40,10 @@ def minmax_noise(
 
     Returns a tensor shaped like ``v``: ``ε · (hi - lo)`` with ``ε ~ N(0, std²)``.
     """
-    eps = torch.randn(v.shape, dtype=v.dtype, device=v.device, generator=generator)
+    if generator is None:  # randn_like keeps symbolic shapes working under torch.compile
+        eps = torch.randn_like(v)
+    else:
+        eps = torch.randn(v.shape, dtype=v.dtype, device=v.device, generator=generator)
     return eps * std * value_range(v, per)
 
 

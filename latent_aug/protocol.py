@@ -136,6 +136,16 @@ def train_run(
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> RunResult:
     """Train one run with the paper's protocol and return its best-validation test error."""
+    return fit(spec, data, on_epoch=on_epoch)[1]
+
+
+def fit(
+    spec: RunSpec,
+    data: DataSplit,
+    *,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[nn.Module, RunResult]:
+    """Train one run; return the network (best-validation weights, eval mode) and result."""
     start = time.perf_counter()
     device = data.train_x.device
     torch.manual_seed(spec.seed)
@@ -180,7 +190,7 @@ def train_run(
             on_epoch(epoch + 1, val)
     model.load_state_dict(best_state)
     test = float(error_rate(model, data.test_x, data.test_y, data.crop))
-    return RunResult(
+    return model.eval(), RunResult(
         test_error=test,
         best_val_error=best[0],
         best_epoch=best[1],

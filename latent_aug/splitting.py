@@ -63,6 +63,8 @@ def _tracer_for(model: nn.Module) -> fx.Tracer:
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             if leaf_types and isinstance(m, leaf_types):
                 return True
+            if find_factory(m) is not None:  # a registered mirror: keep the layer whole
+                return True
             return super().is_leaf_module(m, qualname)
 
     return _Tracer()
@@ -298,6 +300,13 @@ def split_model(model: nn.Module, split: str, *, after_activation: bool = True) 
 
 def trace_part(module: nn.Module) -> Part:
     """A user-given encoder or head: traced into a chain where possible, else opaque."""
+    if find_factory(module) is not None:  # one registered layer (e.g. a bare nn.Linear head)
+
+        def single(x: Tensor) -> tuple[Tensor, list[Tensor]]:
+            out = module(x)
+            return out, [out]
+
+        return Part(single, [ChainOp(type(module).__name__, module, 1, 1)], None)
     try:
         gm = trace(module)
     except TracingError as exc:

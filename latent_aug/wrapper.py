@@ -73,8 +73,8 @@ def _timm_parts(model: nn.Module) -> tuple[Part, Part, str]:
 
     head = trace_part(classifier)
     if head.chain is not None:
-        head.chain = [ChainOp(f"{name}.{op.name}" if op.name else name, op.source, op.index,
-                              op.post) for op in head.chain]
+        head.chain = [ChainOp(name if len(head.chain) == 1 else f"{name}.{op.name}", op.source,
+                              op.index, op.post) for op in head.chain]
     encoder = Part(encode, None, f"{type(model).__name__}.forward_features (timm backbone: "
                                  f"residual/attention blocks are not a mirrorable chain)")
     return encoder, head, f"{name} input (pre-logits)"
@@ -177,7 +177,7 @@ class SemanticNoiseWrapper(nn.Module):
             raise TypeError(
                 f"The head returned {type(y).__name__}; latent_aug needs a logits tensor."
             )
-        zero = y.new_zeros((), dtype=torch.float32)
+        zero = y.new_zeros((), dtype=torch.promote_types(y.dtype, torch.float32))
         rec_x = rec_z = rec_h = zero
         y_base = self._y_base(y)
         z_rec, ze = self._latent_noise(z, y_base, head_vals, cfg.perturb, cfg.noise_std)
@@ -287,7 +287,7 @@ class SemanticNoiseWrapper(nn.Module):
         """The loss terms of ``step`` (from :meth:`training_terms`), unchecked and pure."""
         cfg = self.config
         nll = (
-            F.cross_entropy(step.perturbed_logits.float(), targets)
+            F.cross_entropy(step.perturbed_logits, targets)
             if step.perturbed_logits is not None
             else step.recon_input.new_zeros(())
         )
@@ -301,6 +301,15 @@ class SemanticNoiseWrapper(nn.Module):
     def aux_loss(self, targets: Tensor) -> Tensor:
         """``λ1·L2(x, xR) + λ2·L2(z, zR) + NLL(ŷ, t)`` for the last training forward."""
         return self.losses(targets).total
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The last step's tensors belong to an autograd graph: copies (deepcopy, pickling,
+        # swa_utils.AveragedModel) start without them.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_last"] = None
+        state["last_losses"] = None
+        return state
 
     # -- unwrapping ----------------------------------------------------------------------
 
@@ -379,7 +388,11 @@ def _build_input_decoder(model, enc: Part, cfg, ctx, input_shape):
                 "size the decoder."
             )
         latent_dim = _latent_dim(model, enc, input_shape)
-        return LearnedInputDecoder(latent_dim, tuple(input_shape)), "learned"
+        decoder = LearnedInputDecoder(latent_dim, tuple(input_shape))
+        param = next(model.parameters(), None)
+        if param is not None:
+            decoder = decoder.to(device=param.device, dtype=param.dtype)
+        return decoder, "learned"
     return None, "none"
 
 

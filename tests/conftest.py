@@ -1,7 +1,10 @@
-"""Shared test setup: one intra-op thread, a fixed torch seed per test, and a guard that no
-decoder or noise runs."""
+"""Shared fixtures: a fixed torch seed per test, one intra-op thread (opt-in per module with
+``pytestmark = pytest.mark.usefixtures("one_thread")``), and a guard that no decoder or noise
+runs."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -9,15 +12,21 @@ import torch
 import latent_aug.wrapper as wrapper_module
 from latent_aug.decoders import LearnedInputDecoder, TiedDecoder
 
-# The tests use tiny tensors: extra intra-op threads only add synchronisation, and on a busy
-# machine they make a 10 ms training step take a second.
-torch.set_num_threads(1)
-
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Every test starts from the same global RNG state (model init, noise draws)."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test (restored after). Tiny tensors gain nothing from more,
+    and on a busy machine extra threads make a 10 ms training step take a second."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from latent_aug.decoders import (
     registered_names,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def inner(a: Tensor, b: Tensor) -> Tensor:
     return (a.double() * b.double()).sum()
@@ -285,13 +287,6 @@ class _ScaleNet(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.scale(self.fc1(x))))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnsupportedLayerError,
-    reason="splitting._tracer_for only makes timm's modules fx leaves, so torch.fx traces "
-           "through a user module registered with register_decoder (its `x * self.s` becomes "
-           "a 'mul' node with a tensor argument) and the registration is never consulted",
-)
 def test_register_decoder_for_a_user_module(scratch_registry):
     @register_decoder(_Scale)
     def _mirror_scale(source, ctx):

@@ -205,16 +205,6 @@ def test_constant_input_gives_finite_terms() -> None:
         assert all(torch.isfinite(v) for v in terms), perturb
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "latent_aug/decoders.py TiedLinear/TiedConv create their bias with torch.zeros(...) on "
-        "the default device (CPU, float32) whatever the encoder weight's device, so "
-        "wrap(model_on_cuda, ...) fails in the first training forward ('Tensor on device cpu "
-        "is not on the expected device') unless the wrapper is moved again; the meta device "
-        "stands in for CUDA here. LearnedInputDecoder is built on the CPU the same way."
-    ),
-)
 def test_wrapper_parameters_live_on_the_model_device() -> None:
     model = _mlp(6, [5], torch.float32).to("meta")
     wrapped = wrap(model, split="0")

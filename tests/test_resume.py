@@ -118,15 +118,6 @@ def test_checkpoint_holds_the_decoder_biases_and_the_rng_matters() -> None:
     assert not torch.equal(straight, _step(resumed_model, resumed_opt, x, t))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "latent_aug/wrapper.py keeps the last step's graph tensors in self._last and "
-        "self.last_losses (non-leaf tensors with grad_fn), and Tensor.__deepcopy__ refuses "
-        "non-leaf tensors: copy.deepcopy(wrapped) and torch.optim.swa_utils.AveragedModel("
-        "wrapped) raise RuntimeError after any training step, even after eval()."
-    ),
-)
 def test_a_trained_wrapper_can_be_deep_copied() -> None:
     """Snapshots by model copy (best-model keeping, EMA / SWA) after training steps."""
     model, opt = _fresh(seed=0)

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._dynamo.exc import TorchRuntimeError
 
 from latent_aug import wrap
 
@@ -115,17 +114,6 @@ def test_compiled_wrapper_static_shapes() -> None:
     _compile_schedule("aot_eager", dynamic=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TorchRuntimeError,
-    reason=(
-        "latent_aug/noise.py minmax_noise calls torch.randn(v.shape, ..., generator=None); the "
-        "generator= overload does not accept symbolic sizes, so once torch.compile recompiles "
-        "for a new training batch size (dynamic shapes, the default) tracing fails with "
-        "'SymIntArrayRef expected to contain only concrete integers'. Omitting generator= when "
-        "it is None (or torch.randn_like) fixes it."
-    ),
-)
 def test_compiled_wrapper_default_dynamic_shapes() -> None:
     """The default ``torch.compile(wrapped)``: a second batch size makes the shapes dynamic."""
     _compile_schedule("aot_eager", dynamic=None)
