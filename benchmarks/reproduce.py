@@ -30,6 +30,7 @@ from latent_aug.protocol import METHODS, TABLE1_METHODS, RunSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_SIZES: list[int | str] = list(SIZES)
+PEERS = ["feed_forward", "proposed_base", "perturb_class_conditional", "isda", "manifold_mixup"]
 
 PRESETS: dict[str, dict] = {
     "demo": dict(dataset="mnist", methods=["feed_forward", "perturb_class_conditional"],
@@ -44,6 +45,9 @@ PRESETS: dict[str, dict] = {
                      splits=[1, 2, 3]),
     "appendix-cifar": dict(dataset="cifar10", methods=[m for m in METHODS if m != "ladder"],
                            per_class=ALL_SIZES, splits=[1, 2, 3]),
+    # issue 9: the peer regularizers on the same nets, protocol, sets and seeds
+    "peers": dict(dataset="mnist", methods=PEERS, per_class=[20, 100, 500], splits=[1, 2, 3],
+                  also=[dict(dataset="cifar10", per_class=[100, 1000])]),
 }
 
 
@@ -97,9 +101,12 @@ def grid_from_args(args: argparse.Namespace) -> tuple[str, list[RunSpec]]:
                          f"--splits (missing: {flags})")
     if base["dataset"] != "mnist" and "ladder" in base["methods"]:
         raise SystemExit("error: the ladder network (Table 4) is an MNIST model; drop 'ladder'.")
+    grids = [base] + [{**base, **extra} for extra in base.get("also", [])]
+    if args.dataset is not None:  # an explicit --dataset keeps that dataset's sub-grid only
+        grids = [g for g in grids if g["dataset"] == args.dataset][:1] or [base]
     specs = [
-        RunSpec(base["dataset"], m, n, s, epochs=args.epochs)
-        for s in base["splits"] for n in base["per_class"] for m in base["methods"]
+        RunSpec(g["dataset"], m, n, s, epochs=args.epochs)
+        for g in grids for s in g["splits"] for n in g["per_class"] for m in g["methods"]
     ]
     return args.name or args.preset or "custom", specs
 

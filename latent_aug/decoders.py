@@ -261,7 +261,7 @@ _ACT_FUNCTIONS = (
 _ACT_METHODS = ("relu", "tanh", "sigmoid")
 _IDENTITY_MODULES = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
 )
 _IDENTITY_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.batch_norm)
 _IDENTITY_METHODS = ("contiguous", "clone", "float", "to", "type_as")

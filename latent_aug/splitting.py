@@ -264,8 +264,12 @@ def split_model(model: nn.Module, split: str, *, after_activation: bool = True) 
             f"Split at a module that runs once (see latent_aug.list_split_points(model))."
         )
     cut = calls[0]
+    latent_name = split
     if after_activation:
-        cut = _activation_user(cut, modules) or cut
+        act = _activation_user(cut, modules)
+        if act is not None:
+            cut = act
+            latent_name = f"{split} (after {act.target if act.op == 'call_module' else act.name})"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     enc_nodes = [n for n in gm.graph.nodes if n in _ancestors(cut)]
@@ -294,7 +298,7 @@ def split_model(model: nn.Module, split: str, *, after_activation: bool = True) 
     return Split(
         Part(encoder, enc_ops, enc_block),
         Part(head, head_ops, head_block),
-        latent_name=cut.target if cut.op == "call_module" else cut.name,
+        latent_name=latent_name,
     )
 
 

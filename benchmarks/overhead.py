@@ -1,0 +1,255 @@
+"""Training-step overhead of the wrapper: time and FLOPs, plain model vs wrapped.
+
+    python benchmarks/overhead.py                                  # every case, CPU
+    python benchmarks/overhead.py --device cuda --repeats 50 --write
+    python benchmarks/overhead.py --cases mnist resnet18-latent --threads 2
+
+One training step is forward + backward + ``Adam.step`` on a batch of ``--batch`` (100, the
+paper's) random inputs. Plain and wrapped steps alternate (plain first on even repetitions,
+wrapped first on odd ones), so that load changes hit both; each time is the median over
+``--repeats``. FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one
+full step of each (it counts matrix products and convolutions, forward and backward; the
+optimizer's elementwise work is not counted). timm attention is counted through its unfused
+path (the same products): the fused kernel is invisible to the counter.
+
+Cases:
+
+* ``mnist``: the paper's MNIST net split at ``fc1``, class-conditional noise, tied decoder:
+  the decoder mirrors the encoder, so the FLOP ratio is about 2;
+* ``resnet18-latent`` / ``resnet18-learned``: timm's resnet18 with the 32×32 stem
+  (:func:`latent_aug.timm_support.adapt_resnet_for_cifar`), latent-only (``input_decoder=
+  "none"``) or with the small learned input decoder;
+* ``vit_tiny-latent`` / ``vit_tiny-learned``: timm's ViT-Tiny at 32×32 with 4×4 patches.
+
+``ratio`` is wrapped / plain time; ``ratio / FLOP ratio`` near 1 means the wrapper costs what
+its arithmetic costs; above 1, launch or memory overhead dominates (small models, GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from latent_aug import MnistNet, wrap
+from latent_aug.grid import atomic_write_text, device_name
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A plain model factory, how to wrap it, and one input's shape ``(C, H, W)``."""
+
+    model: Callable[[], nn.Module]
+    wrap_options: dict
+    input_shape: tuple[int, int, int]
+    mode: str
+
+
+def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from latent_aug.timm_support import create_backbone
+
+        return create_backbone(name, num_classes=10, img_size=32, **kwargs)
+
+    return build
+
+
+CASES: dict[str, Case] = {
+    "mnist": Case(MnistNet, {"split": "fc1", "perturb": "class_conditional"}, (1, 28, 28),
+                  "class-conditional, tied decoder"),
+    "resnet18-latent": Case(_timm("resnet18"), {"input_decoder": "none"}, (3, 32, 32),
+                            "class-conditional, latent-only"),
+    "resnet18-learned": Case(_timm("resnet18"), {"input_decoder": "learned"}, (3, 32, 32),
+                             "class-conditional, learned decoder"),
+    "vit_tiny-latent": Case(_timm("vit_tiny_patch16_224", patch_size=4),
+                            {"input_decoder": "none"}, (3, 32, 32),
+                            "class-conditional, latent-only"),
+    "vit_tiny-learned": Case(_timm("vit_tiny_patch16_224", patch_size=4),
+                             {"input_decoder": "learned"}, (3, 32, 32),
+                             "class-conditional, learned decoder"),
+}
+
+
+@dataclass
+class Measurement:
+    case: str
+    mode: str
+    plain_ms: float
+    wrapped_ms: float
+    plain_gflops: float
+    wrapped_gflops: float
+    extra_params: int
+
+    @property
+    def ratio(self) -> float:
+        return self.wrapped_ms / self.plain_ms
+
+    @property
+    def flop_ratio(self) -> float:
+        return self.wrapped_gflops / self.plain_gflops
+
+
+def make_step(model: nn.Module, x: Tensor, t: Tensor, wrapped: bool) -> Callable[[], None]:
+    """One training step of ``model`` on ``(x, t)``: forward, backward, Adam."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    aux = model.aux_loss if wrapped else None
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), t)
+        if aux is not None:
+            loss = loss + aux(t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+@contextlib.contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[None]:
+    """Switch timm attention modules to their explicit matmul path (counted by the FLOP
+    counter), restoring each module's setting after."""
+    saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    for m, _ in saved:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, value in saved:
+            m.fused_attn = value
+
+
+def count_flops(model: nn.Module, step: Callable[[], None]) -> int:
+    with unfused_attention(model), FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def measure(name: str, case: Case, device: torch.device, batch: int, repeats: int,
+            warmup: int) -> Measurement:
+    torch.manual_seed(0)
+    plain = case.model().to(device).train()
+    torch.manual_seed(0)
+    options = dict(case.wrap_options)
+    if options.get("input_decoder") == "learned":
+        options["input_shape"] = case.input_shape
+    wrapped = wrap(case.model(), **options).to(device).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *case.input_shape, generator=g).to(device)
+    t = torch.randint(0, 10, (batch,), generator=g).to(device)
+    steps = {"plain": make_step(plain, x, t, False), "wrapped": make_step(wrapped, x, t, True)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    flops = {"plain": count_flops(plain, steps["plain"]),
+             "wrapped": count_flops(wrapped, steps["wrapped"])}
+    times: dict[str, list[float]] = {"plain": [], "wrapped": []}
+    for r in range(repeats):
+        order = ("plain", "wrapped") if r % 2 == 0 else ("wrapped", "plain")
+        for key in order:
+            sync()
+            start = time.perf_counter()
+            steps[key]()
+            sync()
+            times[key].append(time.perf_counter() - start)
+    n_plain = sum(p.numel() for p in plain.parameters())
+    n_wrapped = sum(p.numel() for p in wrapped.parameters())
+    return Measurement(
+        case=name,
+        mode=case.mode,
+        plain_ms=1e3 * statistics.median(times["plain"]),
+        wrapped_ms=1e3 * statistics.median(times["wrapped"]),
+        plain_gflops=flops["plain"] / 1e9,
+        wrapped_gflops=flops["wrapped"] / 1e9,
+        extra_params=n_wrapped - n_plain,
+    )
+
+
+def table(rows: list[Measurement]) -> str:
+    lines = [
+        "| case | mode | plain ms | wrapped ms | time ratio | plain GFLOP | wrapped GFLOP "
+        "| FLOP ratio | time ratio / FLOP ratio | extra params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in rows:
+        lines.append(
+            f"| {m.case} | {m.mode} | {m.plain_ms:.1f} | {m.wrapped_ms:.1f} | {m.ratio:.2f} "
+            f"| {m.plain_gflops:.2f} | {m.wrapped_gflops:.2f} | {m.flop_ratio:.2f} "
+            f"| {m.ratio / m.flop_ratio:.2f} | {m.extra_params:,} |"
+        )
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=20, help="timed steps per model (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+                   metavar="CASE", help=f"any of: {', '.join(CASES)}")
+    p.add_argument("--write", action="store_true",
+                   help=f"write the table to {RESULTS.name}/overhead.md")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.repeats < 1 or args.batch < 2:
+        raise SystemExit("error: --repeats must be >= 1 and --batch >= 2 (batch norm).")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.cases:
+        m = measure(name, CASES[name], device, args.batch, args.repeats, args.warmup)
+        print(f"{name}: plain {m.plain_ms:.1f} ms, wrapped {m.wrapped_ms:.1f} ms, "
+              f"ratio {m.ratio:.2f}, FLOP ratio {m.flop_ratio:.2f}", flush=True)
+        rows.append(m)
+    given = argv if argv is not None else sys.argv[1:]
+    header = [
+        "# Training-step overhead: plain vs wrapped",
+        "",
+        f"Command: `python benchmarks/overhead.py {' '.join(given)}`",
+        f"Device: {device_name(str(device))}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; batch {args.batch}; median of {args.repeats} "
+        f"interleaved steps after {args.warmup} warm-up steps; "
+        f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        "",
+        "Step = forward + backward + Adam. FLOPs: `torch.utils.flop_counter.FlopCounterMode` "
+        "over one whole step (matrix products and convolutions).",
+        "",
+    ]
+    text = "\n".join(header) + "\n" + table(rows) + "\n"
+    print()
+    print(text)
+    if args.write:
+        atomic_write_text(RESULTS / "overhead.md", text)
+        print(f"wrote {RESULTS / 'overhead.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
