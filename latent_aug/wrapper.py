@@ -277,8 +277,8 @@ class SemanticNoiseWrapper(nn.Module):
             for name, value in out._asdict().items():
                 if not bool(torch.isfinite(value)):
                     raise NonFiniteLossError(
-                        f"Loss term {name!r} is {float(value.detach())} (check_finite=True). Look for "
-                        f"NaN/inf in the inputs or a diverging learning rate."
+                        f"Loss term {name!r} is {float(value.detach())} (check_finite=True). "
+                        f"Look for NaN/inf in the inputs or a diverging learning rate."
                     )
         self.last_losses = out
         return out
