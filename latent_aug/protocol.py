@@ -45,6 +45,8 @@ TABLE1_METHODS = [
     "perturb_class_conditional",
 ]
 LEARNING_RATE = {"mnist": 0.005, "cifar10": 0.002}
+#: ``(C, H, W)`` of what a model sees per dataset (CIFAR-10: the 24×24 crops).
+INPUT_SHAPE = {"mnist": (1, 28, 28), "cifar10": (3, 24, 24)}
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class RunSpec:
     per_class: int | str
     split: int
     epochs: int = 120
-    options: tuple[tuple[str, Any], ...] = ()  # extra config overrides (ablation)
+    # extra config overrides (ablation), plus two run options that are not config fields:
+    # ("init", "torch") and ("backbone", "<timm model name>") (default: the reference net)
+    options: tuple[tuple[str, Any], ...] = ()
     batch_size: int = 100
 
     def __post_init__(self) -> None:
@@ -86,17 +90,27 @@ class RunResult:
 
 
 def lr_at(epoch: int, base: float, epochs: int = 120) -> float:
-    """Step schedule: ``base / 5**k`` for the k-th block of 40 epochs, until epoch 120."""
-    return base / 5 ** min(epoch // 40, 2)
+    """Step schedule: ``base / 5**k`` for the k-th block of 40 epochs, until epoch 120.
+
+    Runs shorter than 120 epochs get the same three steps, compressed: blocks of
+    ``ceil(epochs / 3)`` epochs (the paper's schedule at ``epochs=120``).
+    """
+    block = 40 if epochs >= 120 else max(1, -(-epochs // 3))
+    return base / 5 ** min(epoch // block, 2)
 
 
 def build_model(spec: RunSpec, num_classes: int = 10) -> nn.Module:
     """The network a run trains: the reference backbone, wrapped per the method."""
+    options = dict(spec.options)
     if spec.method == "ladder":
+        if options:
+            raise ConfigError(f"The ladder network takes no options, got {sorted(options)}.")
         from .ladder import LadderNetwork
 
         return LadderNetwork()
-    options = dict(spec.options)
+    backbone = options.pop("backbone", "reference")
+    if backbone != "reference":
+        return _timm_model(spec, backbone, options, num_classes)
     model = reference_backbone(spec.dataset)
     if options.pop("init", "glorot") == "torch":  # ablation: PyTorch's default init instead
         for m in model.modules():
@@ -113,6 +127,28 @@ def build_model(spec: RunSpec, num_classes: int = 10) -> nn.Module:
 
     lam = PAPER_LAMBDAS[spec.dataset]
     return wrap(model, split=LATENT[spec.dataset],
+                **{"lambda1": lam, "lambda2": lam, **overrides, **options})
+
+
+def _timm_model(spec: RunSpec, backbone: str, options: dict, num_classes: int) -> nn.Module:
+    """A timm backbone (random weights, sized to the dataset's input), wrapped per the method
+    with timm's head contract: z = the classifier's input (pre-logits)."""
+    from .timm_support import create_backbone
+
+    if spec.method in PEER_METHODS:
+        raise ConfigError(f"Method {spec.method!r} runs on the reference backbone only, not "
+                          f"on backbone={backbone!r}.")
+    if "init" in options:
+        raise ConfigError("The 'init' option applies to the reference backbones only.")
+    c, h, _ = INPUT_SHAPE[spec.dataset]
+    model = create_backbone(backbone, num_classes=num_classes, img_size=h, in_chans=c)
+    overrides = METHODS.get(spec.method)
+    if overrides is None:
+        return model
+    from .wrapper import wrap
+
+    lam = PAPER_LAMBDAS[spec.dataset]
+    return wrap(model, input_shape=INPUT_SHAPE[spec.dataset],
                 **{"lambda1": lam, "lambda2": lam, **overrides, **options})
 
 

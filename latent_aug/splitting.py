@@ -12,6 +12,7 @@ the part's chain of layers, which the tied decoders read for their shapes and wh
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,7 +195,10 @@ def _part_module(
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node, ph in inputs.items():
-        env[node] = graph.placeholder(ph)
+        # keep the defaults of optional forward arguments (timm's ViT: attn_mask=None)
+        has_default = node.op == "placeholder" and bool(node.args)
+        default = node.args[0] if has_default else inspect.Parameter.empty
+        env[node] = graph.placeholder(ph, default_value=default)
     for node in nodes:
         if node in env:
             continue
@@ -225,10 +229,16 @@ def split_points(model: nn.Module) -> list[str]:
     return names
 
 
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes the output depends on (not shape assertions such as timm's ``_assert``)."""
+    return _ancestors(next(n for n in graph.nodes if n.op == "output"))
+
+
 def _cut_violation(graph: fx.Graph, cut: fx.Node) -> str | None:
     enc = _ancestors(cut)
+    live = _live(graph)
     for node in graph.nodes:
-        if node in enc or node.op == "output":
+        if node in enc or node.op == "output" or node not in live:
             continue
         for inp in node.all_input_nodes:
             if inp in enc and inp is not cut and inp.op != "get_attr" and not _is_shape_node(inp):
@@ -273,7 +283,10 @@ def split_model(model: nn.Module, split: str, *, after_activation: bool = True) 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     enc_nodes = [n for n in gm.graph.nodes if n in _ancestors(cut)]
-    head_nodes = [n for n in gm.graph.nodes if n not in set(enc_nodes) and n.op != "output"]
+    live = _live(gm.graph)
+    head_nodes = [
+        n for n in gm.graph.nodes if n not in set(enc_nodes) and n.op != "output" and n in live
+    ]
     head_calls = [n for n in head_nodes if n.op not in ("placeholder", "get_attr")]
     if not head_calls:
         raise SplitNotFoundError(

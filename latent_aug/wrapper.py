@@ -75,8 +75,7 @@ def _timm_parts(model: nn.Module) -> tuple[Part, Part, str]:
     if head.chain is not None:
         head.chain = [ChainOp(name if len(head.chain) == 1 else f"{name}.{op.name}", op.source,
                               op.index, op.post) for op in head.chain]
-    encoder = Part(encode, None, f"{type(model).__name__}.forward_features (timm backbone: "
-                                 f"residual/attention blocks are not a mirrorable chain)")
+    encoder = Part(encode, None, None)  # blocker: named on demand by _encoder_blocker
     return encoder, head, f"{name} input (pre-logits)"
 
 
@@ -135,6 +134,13 @@ class SemanticNoiseWrapper(nn.Module):
                 tail = [ChainOp(last.name, last.source, 0, 0)]
             head_decoder = TiedDecoder(hd.chain, ctx, tail=tail)
         if cfg.reconstruction in ("input", "all"):
+            if enc.chain is None:
+                raise UnsupportedLayerError(
+                    f"reconstruction={cfg.reconstruction!r} decodes x through the whole tied "
+                    f"decoder, but the encoder is not a chain of registered layers; first "
+                    f"blocking layer: {_encoder_blocker(model, enc)}. Use "
+                    f"reconstruction='split' with input_decoder='learned' or 'none'."
+                )
             full_decoder = TiedDecoder(_full_chain(enc, hd), ctx)
 
         self.model = model
@@ -323,6 +329,20 @@ class SemanticNoiseWrapper(nn.Module):
         return f"latent={self.latent_name!r}, input_decoder={self.input_decoder_mode!r}"
 
 
+def _encoder_blocker(model: nn.Module, enc: Part) -> str:
+    """What keeps the encoder from being mirrored. timm's encoder is opaque (forward_features),
+    so the model is traced only here, on the error path, to name the layer."""
+    if enc.blocker is not None:
+        return enc.blocker
+    from .timm_support import first_blocking_layer
+
+    found = first_blocking_layer(model) or "none found by tracing the whole forward"
+    return (
+        f"{found} in {type(model).__name__}.forward_features (wrapped without split=, as a "
+        f"timm backbone; split= at a module makes the encoder a traced graph)"
+    )
+
+
 def _ends_in_activation(chain: list[ChainOp]) -> bool:
     from .decoders import _mirror_activation, find_factory
 
@@ -377,7 +397,8 @@ def _build_input_decoder(model, enc: Part, cfg, ctx, input_shape):
         if enc.chain is None:
             raise UnsupportedLayerError(
                 f"input_decoder='tied' needs an encoder that is a chain of registered layers; "
-                f"first blocking layer: {enc.blocker}. Use input_decoder='learned' (a small "
+                f"first blocking layer: {_encoder_blocker(model, enc)}. Use "
+                f"input_decoder='learned' (a small "
                 f"decoder with its own weights) or 'none' (latent-only, λ1 unused)."
             )
         return TiedDecoder(enc.chain, ctx), "tied"
