@@ -153,8 +153,11 @@ def _timm_model(spec: RunSpec, backbone: str, options: dict, num_classes: int) -
 
 
 @torch.no_grad()
-def error_rate(model: nn.Module, x: Tensor, y: Tensor, crop: int | None, batch: int = 1000):
-    """Error in percent, as a 0-dim tensor (no host sync)."""
+def error_rate(model: nn.Module, x: Tensor, y: Tensor, crop: int | None, batch: int = 250):
+    """Error in percent, as a 0-dim tensor (no host sync).
+
+    Batches of 250: on CPU about twice as fast as 1000 (activations stay in cache), same
+    predictions (measured on the MNIST net, 1 thread)."""
     model.eval()
     wrong = torch.zeros((), dtype=torch.long, device=x.device)
     for i in range(0, x.shape[0], batch):
