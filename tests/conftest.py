@@ -1,6 +1,5 @@
-"""Shared fixtures: a fixed torch seed per test, one intra-op thread (opt-in per module with
-``pytestmark = pytest.mark.usefixtures("one_thread")``), and a guard that no decoder or noise
-runs."""
+"""Shared fixtures: a fixed torch seed per test, one intra-op thread for the whole session,
+and a guard that no decoder or noise runs."""
 
 from __future__ import annotations
 
@@ -19,10 +18,10 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True, scope="session")
 def one_thread() -> Iterator[None]:
-    """One intra-op thread for the test (restored after). Tiny tensors gain nothing from more,
-    and on a busy machine extra threads make a 10 ms training step take a second."""
+    """One intra-op thread for every test (restored after). Tiny tensors gain nothing from
+    more, and on a busy 2-core machine two threads made a 10 ms training step take a second."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

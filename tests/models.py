@@ -137,3 +137,17 @@ CASE_BY_NAME = {c.name: c for c in CASES}
 
 #: ``@cases`` parametrizes a test over the table as ``case``.
 cases = pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+
+
+class ShrinkNet(nn.Module):
+    """fc1 -> Hardshrink (no registered decoder) -> fc2 (z) -> ReLU -> fc3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.shrink = nn.Hardshrink()
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(torch.relu(self.fc2(self.shrink(self.fc1(x)))))

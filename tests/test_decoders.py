@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from models import CASE_BY_NAME, cases
+from models import CASE_BY_NAME, ShrinkNet, cases
 from torch import Tensor, nn
 
 from latent_aug import UnsupportedLayerError, register_decoder, wrap
@@ -20,8 +20,6 @@ from latent_aug.decoders import (
     mirror,
     registered_names,
 )
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inner(a: Tensor, b: Tensor) -> Tensor:
@@ -225,28 +223,18 @@ def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(D, "_REGISTRY", dict(D._REGISTRY))
 
 
-class _ShrinkNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.shrink = nn.Hardshrink()
-        self.fc2 = nn.Linear(8, 8)
-        self.fc3 = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc3(torch.relu(self.fc2(self.shrink(self.fc1(x)))))
 
 
 def test_register_decoder_for_a_torch_layer(scratch_registry):
     with pytest.raises(UnsupportedLayerError):
-        wrap(_ShrinkNet(), split="fc2", input_decoder="tied")
+        wrap(ShrinkNet(), split="fc2", input_decoder="tied")
 
     @register_decoder(nn.Hardshrink)
     def _mirror_shrink(source, ctx):
         return "activation", _Negate()
 
     assert "Hardshrink" in registered_names()
-    w = wrap(_ShrinkNet(), split="fc2", input_decoder="tied")
+    w = wrap(ShrinkNet(), split="fc2", input_decoder="tied")
     assert any(isinstance(s, _Negate) for s in w.input_decoder.steps)
     x, t = torch.randn(4, 6), torch.randint(0, 3, (4,))
     _Negate.calls = 0

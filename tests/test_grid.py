@@ -20,15 +20,6 @@ from latent_aug.grid import COLUMNS, KEY, ResultStore, atomic_write_text, run_gr
 from latent_aug.protocol import RunSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads are ~100x slower per step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _row(method: str, split: int = 1, **extra: object) -> dict[str, object]:
     return {"dataset": "mnist", "method": method, "per_class": 2, "split": split,
             "epochs": 1, "options": "", "test_error": "50.00", **extra}

@@ -7,8 +7,6 @@ import torch
 
 from latent_aug.noise import minmax_noise, perturb_minmax, value_range
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def spread_rows(n: int = 2000, d: int = 64, seed: int = 0) -> torch.Tensor:
     """``(n, d)`` rows whose ranges span four orders of magnitude and whose minima differ."""

@@ -25,13 +25,6 @@ STD = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads are ~100x slower per step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _mlp(in_dim: int, hidden: list[int], dtype: torch.dtype, seed: int = 0) -> nn.Sequential:

@@ -17,8 +17,6 @@ from typing import NamedTuple
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "# test: run"
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")

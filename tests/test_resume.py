@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,13 +18,6 @@ STEPS_BEFORE = 3
 STEPS_AFTER = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads are ~100x slower per step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _batches(n: int, seed: int = 0) -> list[tuple[Tensor, Tensor]]:

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 timm = pytest.importorskip("timm")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 from latent_aug import (  # noqa: E402 - after importorskip
     ConfigError,

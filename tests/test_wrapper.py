@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
-from models import CASE_BY_NAME, CASES, MLP, Case, ResidualCNN, cases
+from models import CASE_BY_NAME, CASES, MLP, Case, ResidualCNN, ShrinkNet, cases
 from torch import Tensor, nn
 
 import latent_aug
@@ -30,8 +30,6 @@ from latent_aug import (
     wrap,
 )
 from latent_aug.protocol import METHODS
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -404,18 +402,6 @@ def test_tied_input_decoder_on_a_residual_encoder_names_the_blocking_layer():
     assert w.input_decoder is None and w.input_decoder_mode == "none"
 
 
-class _Shrink(nn.Module):
-    """fc1 -> Hardshrink (no registered decoder) -> fc2 (z) -> ReLU -> fc3."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.shrink = nn.Hardshrink()
-        self.fc2 = nn.Linear(8, 8)
-        self.fc3 = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc3(torch.relu(self.fc2(self.shrink(self.fc1(x)))))
 
 
 @pytest.mark.parametrize(
@@ -425,7 +411,7 @@ class _Shrink(nn.Module):
 )
 def test_unsupported_layer_is_named(split: str, options: dict):
     with pytest.raises(UnsupportedLayerError) as info:
-        wrap(_Shrink(), split=split, **options)
+        wrap(ShrinkNet(), split=split, **options)
     assert isinstance(info.value, TypeError)
     assert "Hardshrink" in str(info.value)
 
