@@ -195,16 +195,19 @@ def plot(name: str, rows: list[dict[str, str]], path: Path) -> None:
             pts = sorted((5000 if k[2] == "all" else k[2], v["mean"])
                          for k, v in summary.items() if k[:2] == (dataset, m))
             ax.plot(*zip(*pts), "o-", color=color, label=f"{m} (measured)")
-            paper = TABLE1.get(dataset, {}).get(m)
-            if paper:
-                ppts = sorted((5000 if s == "all" else s, v) for s, v in paper.items()
-                              if s in {k[2] for k in summary if k[:2] == (dataset, m)})
-                ax.plot(*zip(*ppts), "--", color=color, alpha=0.7)
+            ppts = []
+            for k, v in summary.items():
+                if k[:2] == (dataset, m):
+                    p = paper_value(dataset, m, k[2], v["splits"])  # same sets as measured
+                    if p is not None:
+                        ppts.append((5000 if k[2] == "all" else k[2], p))
+            if ppts:
+                ax.plot(*zip(*sorted(ppts)), "--", color=color, alpha=0.7)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training examples per class ('all' drawn at 5000)")
         ax.set_ylabel("test error (%)")
-        ax.set_title(f"{name}: {dataset} (solid: measured, dashed: paper)")
+        ax.set_title(f"{name}: {dataset} (solid: measured, dashed: paper, same sets)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
