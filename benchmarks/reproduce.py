@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     name, specs = grid_from_args(args)
     store = ResultStore(Path(args.results_dir) / f"{name}.csv")
-    given = argv if argv is not None else sys.argv[1:]
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     command = "python benchmarks/reproduce.py " + " ".join(given)
     if not args.report_only:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
