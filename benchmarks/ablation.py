@@ -49,11 +49,14 @@ READINGS: dict[str, tuple[dict, tuple[str, ...]]] = {
 }
 
 
-def factorial_specs(per_class: list[int], splits: list[int], epochs: int, methods: list[str]):
+def factorial_specs(per_class: list[int], splits: list[int], epochs: int, methods: list[str],
+                    readings: list[str] | None = None):
     specs, tags = [], {}
     for n in per_class:
         for s in splits:
             for reading, (opts, affected) in READINGS.items():
+                if readings and reading not in readings:
+                    continue
                 for m in affected:
                     if m not in methods:
                         continue
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", nargs="+", type=int, default=[100, 50])
     p.add_argument("--splits", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3])
     p.add_argument("--methods", nargs="+", default=["feed_forward", *PROPOSED])
+    p.add_argument("--readings", nargs="+", choices=list(READINGS), metavar="READING",
+                   help=f"only these readings of the factorial: {', '.join(READINGS)}")
     p.add_argument("--epochs", type=int, default=120)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=None)
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     store = ResultStore(args.results)
     if not args.report_only:
         if args.stage == "factorial":
-            specs, tags = factorial_specs(args.per_class, args.splits, args.epochs, args.methods)
+            specs, tags = factorial_specs(args.per_class, args.splits, args.epochs, args.methods,
+                                          args.readings)
         else:
             specs, tags = combo_specs(args.combos, args.per_class, args.splits, args.epochs,
                                       args.methods)
