@@ -32,8 +32,9 @@ from latent_aug.protocol import RunSpec
 RESULTS = Path(__file__).resolve().parent / "results"
 PROPOSED = ("proposed_base", "perturb_random", "perturb_class_conditional")
 
-#: reading -> (options, methods it can change). "base" is the library's default reading:
-#: y as logits, gradient through ze, mirrored ReLU on decoded hidden layers, L2 summed over
+#: reading -> (options, methods it can change). "base" is the reading the library used before
+#: this ablation (its defaults then, written out so the rows stay valid): y as logits,
+#: gradient through ze, mirrored ReLU on decoded hidden layers, L2 summed over
 #: features and averaged over the batch, z after fc1's ReLU, per-sample min-max range,
 #: decoder biases, Glorot init.
 READINGS: dict[str, tuple[dict, tuple[str, ...]]] = {
@@ -60,7 +61,11 @@ def factorial_specs(per_class: list[int], splits: list[int], epochs: int, method
                 for m in affected:
                     if m not in methods:
                         continue
-                    spec = RunSpec("mnist", m, n, s, epochs=epochs, options=tuple(opts.items()))
+                    full = dict(opts)
+                    if m != "feed_forward":  # every reading but "y=probs" uses logits
+                        full.setdefault("y_space", "logits")
+                    spec = RunSpec("mnist", m, n, s, epochs=epochs,
+                                   options=tuple(sorted(full.items())))
                     specs.append(spec)
                     tags[spec] = reading
     return specs, tags

@@ -118,12 +118,27 @@ def _size_key(v: str) -> int | str:
     return "all" if v == "all" else int(v)
 
 
+def label(row: dict[str, str]) -> str:
+    """The method, with its non-default options: ``"proposed_base [y_space=logits]"``."""
+    return row["method"] + (f" [{row['options']}]" if row.get("options") else "")
+
+
+def method_of(label_text: str) -> str:
+    return label_text.split(" [", 1)[0]
+
+
+def labels_in_order(dataset: str, summary: dict[tuple, dict]) -> list[str]:
+    found = {k[1] for k in summary if k[0] == dataset}
+    order = list(METHODS)
+    return sorted(found, key=lambda lab: (order.index(method_of(lab)), lab))
+
+
 def summarize(rows: list[dict[str, str]]) -> dict[tuple, dict]:
-    """(dataset, method, per_class) -> mean/std/sets of the measured test error."""
+    """(dataset, method label, per_class) -> mean/std/sets of the measured test error."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     splits: dict[tuple, list[int]] = defaultdict(list)
     for r in rows:
-        key = (r["dataset"], r["method"], _size_key(r["per_class"]))
+        key = (r["dataset"], label(r), _size_key(r["per_class"]))
         groups[key].append(float(r["test_error"]))
         splits[key].append(int(r["split"]))
     return {
@@ -156,7 +171,7 @@ def report(name: str, rows: list[dict[str, str]], header: str = "") -> str:
     for dataset in sorted({k[0] for k in summary}):
         sizes = sorted({k[2] for k in summary if k[0] == dataset},
                        key=lambda s: 10**9 if s == "all" else s)
-        methods = [m for m in METHODS if any(k[:2] == (dataset, m) for k in summary)]
+        methods = labels_in_order(dataset, summary)
         lines += [f"## {dataset}", "", "| method | " + " | ".join(map(str, sizes)) + " |",
                   "|---|" + "---|" * len(sizes)]
         for m in methods:
@@ -166,7 +181,7 @@ def report(name: str, rows: list[dict[str, str]], header: str = "") -> str:
                 if c is None:
                     cells.append("")
                     continue
-                p = paper_value(dataset, m, s, c["splits"])
+                p = paper_value(dataset, method_of(m), s, c["splits"])
                 sets = "" if c["n"] == 3 else f" [sets {','.join(map(str, c['splits']))}]"
                 spread = f" ± {c['std']:.2f}" if c["n"] > 1 else ""
                 paper = f" ({p:.2f}; {c['mean'] - p:+.2f})" if p is not None else ""
@@ -189,7 +204,7 @@ def plot(name: str, rows: list[dict[str, str]], path: Path) -> None:
     datasets = sorted({k[0] for k in summary})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        methods = [m for m in METHODS if any(k[:2] == (dataset, m) for k in summary)]
+        methods = labels_in_order(dataset, summary)
         for i, m in enumerate(methods):
             color = f"C{i}"
             pts = sorted((5000 if k[2] == "all" else k[2], v["mean"])
@@ -198,7 +213,7 @@ def plot(name: str, rows: list[dict[str, str]], path: Path) -> None:
             ppts = []
             for k, v in summary.items():
                 if k[:2] == (dataset, m):
-                    p = paper_value(dataset, m, k[2], v["splits"])  # same sets as measured
+                    p = paper_value(dataset, method_of(m), k[2], v["splits"])  # same sets
                     if p is not None:
                         ppts.append((5000 if k[2] == "all" else k[2], p))
             if ppts:
