@@ -228,6 +228,10 @@ def run_grid(
         bar.set_postfix_str(" | ".join(status.values()), refresh=False)
 
     jobs = _jobs(todo, tags, vectorize)
+    if 1 < len(jobs) < workers or (workers > 1 and len(jobs) == 1):
+        # fewer jobs than workers: give the idle workers' threads to the ones that run
+        threads = max(1, (threads or 1) * workers // len(jobs))
+        workers = len(jobs)
     if workers <= 1:
         if threads:
             torch.set_num_threads(threads)
