@@ -185,12 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         run_grid(specs, store, data_dir=args.data_dir, device=args.device, workers=workers,
                  threads=1 if workers > 1 else None, tags=tags, vectorize=args.vectorize)
         print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
+    log = Path(args.results).with_suffix(".commands")
+    given = argv if argv is not None else sys.argv[1:]
+    if not args.report_only:  # every grid command that wrote rows, for the report
+        command = "python benchmarks/ablation.py " + " ".join(
+            f'"{a}"' if " " in a else a for a in given)
+        done = log.read_text().splitlines() if log.exists() else []
+        if command not in done:
+            atomic_write_text(log, "\n".join([*done, command]) + "\n")
     rows = store.rows()
     if rows:
         text = report(rows)
-        given = argv if argv is not None else sys.argv[1:]
+        commands = log.read_text().splitlines() if log.exists() else []
+        footer = "\n".join(f"    {c}" for c in commands)
         atomic_write_text(Path(args.results).with_suffix(".md"),
-                          text + f"\nCommand: `python benchmarks/ablation.py {' '.join(given)}`\n")
+                          text + f"\nCommands that produced the rows:\n\n{footer}\n")
         print(text)
     return 0
 
