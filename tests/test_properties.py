@@ -132,21 +132,25 @@ def test_zero_noise_std_gives_the_clean_nll(
 
 
 @SETTINGS
-@given(batch=st.integers(1, 16), std=STD.filter(lambda s: s > 0.01), dtype=DTYPES)
+@given(batch=st.integers(1, 16), std=STD.filter(lambda s: s > 0.01), dtype=DTYPES,
+       y_space=st.sampled_from(["logits", "probs"]))
 def test_class_conditional_noise_is_eq9_with_the_stated_scale(
-    batch: int, std: float, dtype: torch.dtype
+    batch: int, std: float, dtype: torch.dtype, y_space: str
 ) -> None:
     """With a linear head decoder g2'(v) = v W + b, Eq. 9 gives ze = ye W exactly, where
-    ``ye = ε · σ · (hi - lo)`` of y per sample and ε the global RNG's next ``randn``."""
+    ``ye = ε · σ · (hi - lo)`` of the base vector y (logits or softmax probabilities) per
+    sample and ε the global RNG's next ``randn``."""
     hidden = [7, 4]
     wrapped = wrap(
         _mlp(6, hidden, dtype), split=_last_hidden(hidden), noise_std=std,
-        decoder_activation="linear",
+        decoder_activation="linear", y_space=y_space,
     )
     x = torch.randn(batch, 6, dtype=dtype)
     torch.manual_seed(123)
     z, z_perturbed = wrapped.perturb_latent(x, "class_conditional")
     y = wrapped.head_logits(z)
+    if y_space == "probs":
+        y = y.softmax(dim=1)
     torch.manual_seed(123)
     eps = torch.randn(y.shape, dtype=dtype)
     ye = eps * std * _span(y)

@@ -211,18 +211,19 @@ def test_mlp_terms_match_eq5_and_eq12_written_out():
 
         h1 = torch.relu(model.fc1(x.flatten(1)))
         z = torch.relu(model.fc2(h1))
+        y = logits.softmax(dim=1)  # the decoders read y as probabilities (y_space default)
         sq = lambda a, b: (a - b).pow(2).sum() / a.shape[0]  # noqa: E731
         if reconstruction == "split":
             w2, w1, wo = model.fc2.weight, model.fc1.weight, model.out.weight
             x_rec = torch.relu(z @ w2 + by_weight(w2, "input_decoder")) @ w1
             x_rec = (x_rec + by_weight(w1, "input_decoder")).reshape(x.shape)
-            z_rec = torch.relu(logits @ wo + by_weight(wo, "head_decoder"))
+            z_rec = torch.relu(y @ wo + by_weight(wo, "head_decoder"))
             torch.testing.assert_close(parts.recon_input, sq(x, x_rec))
             torch.testing.assert_close(parts.recon_latent, sq(z, z_rec))
             assert float(parts.recon_hidden) == 0.0
         else:
             wo, w2, w1 = model.out.weight, model.fc2.weight, model.fc1.weight
-            z_rec = torch.relu(logits @ wo + by_weight(wo, "full_decoder"))
+            z_rec = torch.relu(y @ wo + by_weight(wo, "full_decoder"))
             h1_rec = torch.relu(z_rec @ w2 + by_weight(w2, "full_decoder"))
             x_rec = (h1_rec @ w1 + by_weight(w1, "full_decoder")).reshape(x.shape)
             torch.testing.assert_close(parts.recon_input, sq(x, x_rec))
