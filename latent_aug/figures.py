@@ -24,7 +24,6 @@ import dataclasses
 import io
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,22 +134,16 @@ def _nearest(queries: Tensor, reference: Tensor, *, max_elements: int = 1 << 24)
 
 def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG through a temporary file renamed into place, then close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    from .files import atomic_write
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_write(
+            path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight")
+        )
     finally:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    return path
 
 
 def _check_images(x: Tensor, name: str) -> None:
@@ -564,7 +557,7 @@ def preservation_scores(
 
 def write_scores_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write score rows (columns :data:`SCORE_COLUMNS`) atomically: temp file + rename."""
-    from .grid import atomic_write_text
+    from .files import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SCORE_COLUMNS, extrasaction="ignore",
@@ -626,16 +619,9 @@ def save_checkpoint(model: nn.Module, spec: Any, path: str | os.PathLike) -> Pat
         "spec": dataclasses.asdict(spec),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from .files import atomic_write
+
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, Any]:

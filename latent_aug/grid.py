@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue as _queue
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .files import atomic_write_text
 from .protocol import RunResult, RunSpec, train_run
 
 COLUMNS = [
@@ -68,22 +68,6 @@ class ResultStore:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.path, buf.getvalue())
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def result_row(spec: RunSpec, result: RunResult, device: str, tag: str = "") -> dict[str, Any]:

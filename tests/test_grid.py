@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from latent_aug import grid
+from latent_aug import files, grid
 from latent_aug.data import DataSplit
-from latent_aug.grid import COLUMNS, KEY, ResultStore, atomic_write_text, run_grid, spec_key
+from latent_aug.files import atomic_write_text
+from latent_aug.grid import COLUMNS, KEY, ResultStore, run_grid, spec_key
 from latent_aug.protocol import RunSpec
 
 
@@ -68,7 +69,7 @@ def test_atomic_write_text_keeps_the_old_file_when_sync_or_replace_fails(
 
     for target in ("fsync", "replace"):
         with monkeypatch.context() as m:
-            m.setattr(grid.os, target, boom)
+            m.setattr(files.os, target, boom)
             with pytest.raises(type(error)):
                 atomic_write_text(path, "new\n")
         assert path.read_text() == "old\n", target
