@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from latent_aug import MnistNet, wrap
-from latent_aug.grid import atomic_write_text, device_name
+from latent_aug.files import atomic_write_text
+from latent_aug.grid import device_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -208,8 +209,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                    metavar="CASE", help=f"any of: {', '.join(CASES)}")
-    p.add_argument("--write", action="store_true",
-                   help=f"write the table to {RESULTS.name}/overhead.md")
+    p.add_argument("--write", nargs="?", const=str(RESULTS / "overhead.md"), default=None,
+                   metavar="PATH",
+                   help=f"write the table to PATH (default {RESULTS.name}/overhead.md)")
     return p
 
 
@@ -246,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     if args.write:
-        atomic_write_text(RESULTS / "overhead.md", text)
-        print(f"wrote {RESULTS / 'overhead.md'}")
+        atomic_write_text(args.write, text)
+        print(f"wrote {args.write}")
     return 0
 
 
