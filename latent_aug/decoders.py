@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -318,6 +318,16 @@ def _mirror_pool(source: Any, ctx: MirrorContext) -> tuple[Kind, nn.Module]:
     return "pool", Unpool()
 
 
+def is_activation(source: Any) -> bool:
+    """Whether ``source`` (module, FunctionCall or method name) mirrors as an activation."""
+    return find_factory(source) is _mirror_activation
+
+
+def keeps_space(source: Any) -> bool:
+    """Activations and identity-like layers: they do not change what space a value is in."""
+    return find_factory(source) in (_mirror_activation, _mirror_identity)
+
+
 # --- decoders built from a chain ----------------------------------------------------------
 
 
@@ -372,13 +382,6 @@ class TiedDecoder(nn.Module):
                 found.append((v, self.taps[pos]))
             v = step(v, vals[idx] if idx >= 0 else vals[0])
         return (v, found) if taps else v
-
-
-def check_mirrorable(ops: Iterable[ChainOp]) -> None:
-    """Raise :class:`UnsupportedLayerError` for the first layer without a registered mirror."""
-    for op in ops:
-        if find_factory(op.source) is None:
-            mirror(op.source, MirrorContext(), name=op.name)
 
 
 class LearnedInputDecoder(nn.Module):

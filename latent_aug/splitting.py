@@ -26,6 +26,8 @@ from .decoders import (
     ChainOp,
     FunctionCall,
     find_factory,
+    is_activation,
+    keeps_space,
 )
 from .errors import NotACutPointError, SplitNotFoundError, TracingError, close_matches
 
@@ -115,10 +117,7 @@ def _activation_user(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | 
     source = _source(user, modules)
     if source is None or user.args[:1] != (node,):
         return None
-    factory = find_factory(source)
-    from .decoders import _mirror_activation
-
-    return user if factory is _mirror_activation else None
+    return user if is_activation(source) else None
 
 
 def _source(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
@@ -169,13 +168,11 @@ def _chain(
 
 def _with_post(ops: list[ChainOp]) -> list[ChainOp]:
     """Set each op's ``post`` to the last activation/identity output right after it."""
-    from .decoders import _mirror_activation, _mirror_identity
-
     out = list(ops)
     for i, op in enumerate(ops):
         post = op.index
         for nxt in ops[i + 1 :]:
-            if find_factory(nxt.source) in (_mirror_activation, _mirror_identity):
+            if keeps_space(nxt.source):
                 post = nxt.index
             else:
                 break

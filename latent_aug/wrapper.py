@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SemanticNoiseConfig, check_fields
-from .decoders import ChainOp, LearnedInputDecoder, MirrorContext, TiedDecoder
+from .decoders import ChainOp, LearnedInputDecoder, MirrorContext, TiedDecoder, is_activation
 from .errors import (
     AlreadyWrappedError,
     ConfigError,
@@ -344,9 +344,7 @@ def _encoder_blocker(model: nn.Module, enc: Part) -> str:
 
 
 def _ends_in_activation(chain: list[ChainOp]) -> bool:
-    from .decoders import _mirror_activation, find_factory
-
-    return find_factory(chain[-1].source) is _mirror_activation
+    return is_activation(chain[-1].source)
 
 
 def _make_config(config: SemanticNoiseConfig | None, options: dict[str, Any]):
