@@ -21,8 +21,10 @@ Cases:
   "none"``) or with the small learned input decoder;
 * ``vit_tiny-latent`` / ``vit_tiny-learned``: timm's ViT-Tiny at 32×32 with 4×4 patches.
 
-``ratio`` is wrapped / plain time; ``ratio / FLOP ratio`` near 1 means the wrapper costs what
-its arithmetic costs; above 1, launch or memory overhead dominates (small models, GPUs).
+``ratio`` is the median over repetitions of wrapped / plain time of the same repetition (with
+its quartiles: the spread on a noisy machine); ``ratio / FLOP ratio`` near 1 means the wrapper
+costs what its arithmetic costs; above 1, launch or memory overhead dominates (small models,
+GPUs).
 """
 
 from __future__ import annotations
@@ -96,10 +98,18 @@ class Measurement:
     plain_gflops: float
     wrapped_gflops: float
     extra_params: int
+    pair_ratios: list[float]
 
     @property
     def ratio(self) -> float:
-        return self.wrapped_ms / self.plain_ms
+        """Median over repetitions of wrapped / plain time of the same repetition (adjacent
+        steps, so slow phases of a noisy machine hit both)."""
+        return statistics.median(self.pair_ratios)
+
+    @property
+    def ratio_quartiles(self) -> tuple[float, float]:
+        q = statistics.quantiles(self.pair_ratios, n=4)
+        return q[0], q[2]
 
     @property
     def flop_ratio(self) -> float:
@@ -181,20 +191,22 @@ def measure(name: str, case: Case, device: torch.device, batch: int, repeats: in
         plain_gflops=flops["plain"] / 1e9,
         wrapped_gflops=flops["wrapped"] / 1e9,
         extra_params=n_wrapped - n_plain,
+        pair_ratios=[w / p for p, w in zip(times["plain"], times["wrapped"])],
     )
 
 
 def table(rows: list[Measurement]) -> str:
     lines = [
-        "| case | mode | plain ms | wrapped ms | time ratio | plain GFLOP | wrapped GFLOP "
-        "| FLOP ratio | time ratio / FLOP ratio | extra params |",
+        "| case | mode | plain ms | wrapped ms | time ratio (quartiles) | plain GFLOP "
+        "| wrapped GFLOP | FLOP ratio | time ratio / FLOP ratio | extra params |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in rows:
+        lo, hi = m.ratio_quartiles
         lines.append(
             f"| {m.case} | {m.mode} | {m.plain_ms:.1f} | {m.wrapped_ms:.1f} | {m.ratio:.2f} "
-            f"| {m.plain_gflops:.2f} | {m.wrapped_gflops:.2f} | {m.flop_ratio:.2f} "
-            f"| {m.ratio / m.flop_ratio:.2f} | {m.extra_params:,} |"
+            f"({lo:.2f}–{hi:.2f}) | {m.plain_gflops:.2f} | {m.wrapped_gflops:.2f} "
+            f"| {m.flop_ratio:.2f} | {m.ratio / m.flop_ratio:.2f} | {m.extra_params:,} |"
         )
     return "\n".join(lines)
 
@@ -217,8 +229,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.repeats < 1 or args.batch < 2:
-        raise SystemExit("error: --repeats must be >= 1 and --batch >= 2 (batch norm).")
+    if args.repeats < 2 or args.batch < 2:
+        raise SystemExit("error: --repeats must be >= 2 (quartiles) and --batch >= 2 (batch norm).")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch.cuda.is_available() is False.")

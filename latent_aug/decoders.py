@@ -155,7 +155,14 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class TiedConv(nn.Module):
-    """Transposed convolution with the encoder's own weight; output size = recorded input size."""
+    """Transposed convolution with the encoder's own weight; output size = recorded input size.
+
+    ``channels_last`` (default True) lets the CPU path convert 4-D input to channels_last, which
+    oneDNN runs faster; set it False where that conversion is not allowed (inside ``vmap``, as
+    :mod:`latent_aug.vectorized` does).
+    """
+
+    channels_last = True
 
     def __init__(self, source: nn.modules.conv._ConvNd, bias: bool) -> None:
         super().__init__()
@@ -180,6 +187,18 @@ class TiedConv(nn.Module):
             )
         )
         bias = self.bias.to(v.dtype) if self.bias is not None else None
+        if v.device.type == "cpu":
+            # oneDNN's CPU deconvolution is about 2x slower with a fused bias than without, and
+            # faster on channels_last input when it writes more than one channel; measured on
+            # the paper's MNIST net in benchmarks/results/overhead.md.
+            if self.channels_last and v.dim() == 4 and src.in_channels > 1:
+                v = v.contiguous(memory_format=torch.channels_last)
+            out = self._transpose(v, None, output_padding)
+            return out if bias is None else out + bias.view(-1, *(1,) * self.dims)
+        return self._transpose(v, bias, output_padding)
+
+    def _transpose(self, v: Tensor, bias: Tensor | None, output_padding: tuple[int, ...]) -> Tensor:
+        src = self.source
         return _CONV_T[self.dims](
             v,
             src.weight.to(v.dtype),

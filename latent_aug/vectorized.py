@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from .data import DataSplit, center_crop, random_crop_flip
+from .decoders import TiedConv
 from .errors import ConfigError
 from .protocol import LEARNING_RATE, RunResult, RunSpec, build_model, lr_at
 
@@ -86,6 +87,9 @@ def train_runs_vectorized(
         models.append(build_model(spec).to(device))
     if not can_vectorize(models[0]):
         raise ConfigError(f"Method {spec0.method!r} cannot be vectorized (buffers/state).")
+    for module in models[0].modules():
+        if isinstance(module, TiedConv):
+            module.channels_last = False  # vmap cannot clone into channels_last
     loss_module = _TrainLoss(models[0])
     names = [name for name, _ in loss_module.named_parameters()]
     params = {

@@ -83,6 +83,28 @@ def test_tied_conv_bias_is_per_input_channel():
     assert torch.equal(out[0, 1], torch.full((5, 5), 2.0))
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+def test_tied_conv_cpu_fast_path_matches_the_fused_transpose(channels_last: bool, batched: bool):
+    # On CPU the bias is added after the transpose and 4-D input may go channels_last (speed);
+    # values and gradients must equal one conv_transpose2d call with the bias fused.
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    dec = TiedConv(conv, bias=True)
+    dec.channels_last = channels_last
+    with torch.no_grad():
+        dec.bias.normal_()
+    x = torch.randn(2, 3, 7, 9) if batched else torch.randn(3, 7, 9)
+    v = torch.randn((2, 4, 4, 5) if batched else (4, 4, 5), requires_grad=True)
+    out = dec(v, x)
+    ref = F.conv_transpose2d(v, conv.weight, dec.bias, stride=2, padding=1, output_padding=0)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (v, conv.weight, dec.bias), g)
+    refs = torch.autograd.grad(ref, (v, conv.weight, dec.bias), g)
+    for a, b in zip(grads, refs):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize(
     "conv",
     [nn.Conv2d(2, 3, 4, padding="same"), nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")],

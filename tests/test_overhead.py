@@ -1,0 +1,36 @@
+"""Smoke test of ``benchmarks/overhead.py``: the table it writes (timings are not asserted)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import overhead  # noqa: E402
+
+
+def test_overhead_writes_a_table_with_pairwise_ratio_and_flops(tmp_path):
+    out = tmp_path / "o.md"
+    args = ["--cases", "mnist", "--repeats", "3", "--warmup", "0", "--batch", "4"]
+    assert overhead.main([*args, "--write", str(out)]) == 0
+    text = out.read_text()
+    assert "Command: `python benchmarks/overhead.py --cases mnist" in text
+    row = next(line for line in text.splitlines() if line.startswith("| mnist"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    flop_ratio = float(cells[7])
+    assert 1.9 < flop_ratio < 2.2  # the tied decoder mirrors the encoder
+    assert "–" in cells[4]  # quartiles of the per-repetition ratios
+
+
+def test_overhead_rejects_too_few_repeats():
+    with pytest.raises(SystemExit, match="--repeats must be >= 2"):
+        overhead.main(["--cases", "mnist", "--repeats", "1"])
+
+
+def test_pair_ratio_is_the_median_of_adjacent_steps():
+    m = overhead.Measurement("c", "m", 1.0, 2.0, 1.0, 2.0, 0, pair_ratios=[1.0, 3.0, 2.0, 10.0])
+    assert m.ratio == 2.5
+    lo, hi = m.ratio_quartiles
+    assert lo <= m.ratio <= hi
