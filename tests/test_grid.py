@@ -157,8 +157,8 @@ def test_run_grid_skips_finished_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     store = ResultStore(tmp_path / "grid.csv")
 
     first = run_grid(SPECS[:2], store, progress=False)
-    assert trained == SPECS[:2]
-    assert [spec_key_of(r) for r in first] == [spec_key(s) for s in SPECS[:2]]
+    assert trained == [SPECS[1], SPECS[0]]  # longest first: the wrapped run before the plain one
+    assert [spec_key_of(r) for r in first] == [spec_key(s) for s in (SPECS[1], SPECS[0])]
     rows_after_first = store.rows()
 
     trained.clear()
@@ -172,6 +172,21 @@ def test_run_grid_skips_finished_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     assert trained == []
     keys = [spec_key_of(r) for r in store.rows()]
     assert sorted(keys) == sorted(spec_key(s) for s in SPECS)
+
+
+def test_jobs_run_longest_first() -> None:
+    specs = [
+        RunSpec("mnist", "feed_forward", per_class=10, split=1),
+        RunSpec("mnist", "perturb_class_conditional", per_class=10, split=1),
+        RunSpec("mnist", "feed_forward", per_class="all", split=1),
+        RunSpec("mnist", "perturb_class_conditional", per_class=100, split=1, epochs=10),
+        RunSpec("mnist", "perturb_class_conditional", per_class=100, split=1),
+    ]
+    order = [job[2] for job in grid._jobs(specs, {}, vectorize=False)]
+    assert order == [2, 4, 1, 0, 3]  # 10 epochs at 100 per class cost less than 120 at 10
+    groups = grid._jobs([*specs[:2], RunSpec("mnist", "feed_forward", per_class=10, split=2)],
+                        {}, vectorize=True)
+    assert [job[2] for job in groups] == [[0, 2], 1]  # a group costs the sum of its runs
 
 
 # ----------------------------------------------------------------------------------------------
