@@ -108,16 +108,19 @@ def report(rows: list[dict[str, str]]) -> str:
     meta = sorted({(r["device"], r["torch"], r["epochs"]) for r in rows})
     lines += ["Device / torch / epochs: " + "; ".join(" / ".join(m) for m in meta) + ".", ""]
     lines += ["Cells: mean ± std over the sets that ran, `[n]` = number of sets. "
-              "`pcc − pb`: class-conditional minus proposed_base in the same reading, paired "
-              "by set (negative = the class-conditional noise helps).", ""]
+              "`pcc − pb` / `pcc − pr`: class-conditional minus proposed_base / random noise "
+              "in the same reading, paired by set (negative = the class-conditional noise "
+              "helps).", ""]
     for n in sorted({k[0] for k in cell}):
         paper = {m: TABLE1["mnist"][m][n] for m in ("feed_forward", *PROPOSED)}
         lines += [f"## {n} examples per class", "",
                   "| reading | feed_forward | proposed_base | perturb_random | "
-                  "perturb_class_conditional | pcc − pb |", "|---|---|---|---|---|---|"]
+                  "perturb_class_conditional | pcc − pb | pcc − pr |",
+                  "|---|---|---|---|---|---|---|"]
         lines.append("| paper (Table 1) | " + " | ".join(
             f"{paper[m]:.2f}" for m in ("feed_forward", *PROPOSED)) + " | "
-            f"{paper['perturb_class_conditional'] - paper['proposed_base']:+.2f} |")
+            f"{paper['perturb_class_conditional'] - paper['proposed_base']:+.2f} | "
+            f"{paper['perturb_class_conditional'] - paper['perturb_random']:+.2f} |")
         tags = sorted({k[1] for k in cell if k[0] == n}, key=_tag_order)
         for tag in tags:
             out = []
@@ -129,15 +132,14 @@ def report(rows: list[dict[str, str]]) -> str:
                 v = list(vals.values())
                 inherited = "" if (n, tag, m) in cell else " (base)"
                 out.append(f"{mean(v):.2f} ± {pstdev(v):.2f} [{len(v)}]{inherited}")
-            pcc, pb = cell.get((n, tag, "perturb_class_conditional")), cell.get(
-                (n, tag, "proposed_base")) or cell.get((n, "base", "proposed_base"))
-            diff = ""
-            if pcc and pb:
-                common = sorted(set(pcc) & set(pb))
-                if common:
-                    d = [pcc[s] - pb[s] for s in common]
-                    diff = f"{mean(d):+.2f} (sets {','.join(map(str, common))})"
-            lines.append(f"| {tag} | " + " | ".join(out) + f" | {diff} |")
+            pcc = cell.get((n, tag, "perturb_class_conditional"))
+            pb = cell.get((n, tag, "proposed_base"))
+            pb_note = ""
+            if pb is None:  # a combination without its own proposed_base: its y reading's
+                ref = "y=probs" if "y_space=probs" in tag else "base"
+                pb, pb_note = cell.get((n, ref, "proposed_base")), f", vs {ref} pb"
+            diffs = [_paired(pcc, pb, pb_note), _paired(pcc, cell.get((n, tag, "perturb_random")))]
+            lines.append(f"| {tag} | " + " | ".join(out) + " | " + " | ".join(diffs) + " |")
         lines.append("")
     pcc_sets = PER_SET["mnist"]["perturb_class_conditional"]
     per_set = ", ".join(
@@ -146,6 +148,15 @@ def report(rows: list[dict[str, str]]) -> str:
     )
     lines += [f"Paper per-set perturb_class_conditional (set 1/2/3): {per_set}.", ""]
     return "\n".join(lines)
+
+
+def _paired(a: dict[int, float] | None, b: dict[int, float] | None, note: str = "") -> str:
+    """Mean of a − b over the sets both have, with the sets named."""
+    common = sorted(set(a or {}) & set(b or {}))
+    if not common:
+        return ""
+    d = mean(a[s] - b[s] for s in common)
+    return f"{d:+.2f} (sets {','.join(map(str, common))}{note})"
 
 
 def _tag_order(tag: str) -> tuple[int, str]:
