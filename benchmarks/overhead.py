@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import statistics
 import sys
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from latent_aug import MnistNet, wrap
+from latent_aug.decoders import TiedConv
 from latent_aug.files import atomic_write_text
 from latent_aug.grid import device_name
 
@@ -99,6 +101,7 @@ class Measurement:
     wrapped_gflops: float
     extra_params: int
     pair_ratios: list[float]
+    round_ratios: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -146,8 +149,24 @@ def unfused_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = value
 
 
+@contextlib.contextmanager
+def reference_kernels(model: nn.Module) -> Iterator[None]:
+    """Tied transposes through ``conv_transposeNd`` (the counter does not know the native
+    ``slow_conv_transpose2d`` that the CPU path may pick; the arithmetic is the same)."""
+    saved = [(m, m.cpu_kernels) for m in model.modules() if isinstance(m, TiedConv)]
+    for m, _ in saved:
+        m.cpu_kernels = False
+    try:
+        yield
+    finally:
+        for m, value in saved:
+            m.cpu_kernels = value
+
+
 def count_flops(model: nn.Module, step: Callable[[], None]) -> int:
-    with unfused_attention(model), FlopCounterMode(display=False) as counter:
+    with unfused_attention(model), reference_kernels(model), FlopCounterMode(
+        display=False
+    ) as counter:
         step()
     return counter.get_total_flops()
 
@@ -198,15 +217,19 @@ def measure(name: str, case: Case, device: torch.device, batch: int, repeats: in
 def table(rows: list[Measurement]) -> str:
     lines = [
         "| case | mode | plain ms | wrapped ms | time ratio (quartiles) | plain GFLOP "
-        "| wrapped GFLOP | FLOP ratio | time ratio / FLOP ratio | extra params |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| wrapped GFLOP | FLOP ratio | time ratio / FLOP ratio | rounds: min–max "
+        "| extra params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in rows:
         lo, hi = m.ratio_quartiles
+        rounds = m.round_ratios or [m.ratio]
         lines.append(
             f"| {m.case} | {m.mode} | {m.plain_ms:.1f} | {m.wrapped_ms:.1f} | {m.ratio:.2f} "
             f"({lo:.2f}–{hi:.2f}) | {m.plain_gflops:.2f} | {m.wrapped_gflops:.2f} "
-            f"| {m.flop_ratio:.2f} | {m.ratio / m.flop_ratio:.2f} | {m.extra_params:,} |"
+            f"| {m.flop_ratio:.2f} | {m.ratio / m.flop_ratio:.2f} "
+            f"| {len(rounds)}: {min(rounds) / m.flop_ratio:.2f}–{max(rounds) / m.flop_ratio:.2f} "
+            f"| {m.extra_params:,} |"
         )
     return "\n".join(lines)
 
@@ -218,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per model (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole measurement (fresh models); the table shows the "
+                        "median round and the range over rounds (the machine's state drifts)")
     p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                    metavar="CASE", help=f"any of: {', '.join(CASES)}")
@@ -229,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit("error: --rounds must be >= 1.")
     if args.repeats < 2 or args.batch < 2:
         raise SystemExit("error: --repeats must be >= 2 (quartiles) and --batch >= 2 (batch norm).")
     device = torch.device(args.device)
@@ -238,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     rows = []
     for name in args.cases:
-        m = measure(name, CASES[name], device, args.batch, args.repeats, args.warmup)
+        rounds = sorted(
+            (measure(name, CASES[name], device, args.batch, args.repeats, args.warmup)
+             for _ in range(args.rounds)),
+            key=lambda r: r.ratio,
+        )
+        m = rounds[len(rounds) // 2]  # the median round
+        m.round_ratios = [r.ratio for r in rounds]
         print(f"{name}: plain {m.plain_ms:.1f} ms, wrapped {m.wrapped_ms:.1f} ms, "
               f"ratio {m.ratio:.2f}, FLOP ratio {m.flop_ratio:.2f}", flush=True)
         rows.append(m)
@@ -249,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python benchmarks/overhead.py {' '.join(given)}`",
         f"Device: {device_name(str(device))}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; batch {args.batch}; median of {args.repeats} "
-        f"interleaved steps after {args.warmup} warm-up steps; "
+        f"interleaved steps after {args.warmup} warm-up steps, median of {args.rounds} "
+        f"round(s); "
         f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
         "Step = forward + backward + Adam. FLOPs: `torch.utils.flop_counter.FlopCounterMode` "

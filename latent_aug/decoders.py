@@ -157,12 +157,12 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 class TiedConv(nn.Module):
     """Transposed convolution with the encoder's own weight; output size = recorded input size.
 
-    ``channels_last`` (default True) lets the CPU path convert 4-D input to channels_last, which
-    oneDNN runs faster; set it False where that conversion is not allowed (inside ``vmap``, as
-    :mod:`latent_aug.vectorized` does).
+    ``cpu_kernels`` (default True) lets the CPU path pick faster kernels for 2-D transposes
+    (channels_last input, or PyTorch's native kernel for single-channel output); set it False
+    where they are not allowed (inside ``vmap``, as :mod:`latent_aug.vectorized` does).
     """
 
-    channels_last = True
+    cpu_kernels = True
 
     def __init__(self, source: nn.modules.conv._ConvNd, bias: bool) -> None:
         super().__init__()
@@ -188,10 +188,17 @@ class TiedConv(nn.Module):
         )
         bias = self.bias.to(v.dtype) if self.bias is not None else None
         if v.device.type == "cpu":
-            # oneDNN's CPU deconvolution is about 2x slower with a fused bias than without, and
-            # faster on channels_last input when it writes more than one channel; measured on
-            # the paper's MNIST net in benchmarks/results/overhead.md.
-            if self.channels_last and v.dim() == 4 and src.in_channels > 1:
+            # Measured on the paper's MNIST net (benchmarks/results/overhead.md): oneDNN's CPU
+            # deconvolution is about 2x slower with a fused bias than without; it is faster on
+            # channels_last input when it writes several channels, and 2-4x slower than the
+            # native kernel when it writes one (a grayscale input layer).
+            fast_2d = self.cpu_kernels and v.dim() == 4 and src.groups == 1
+            if fast_2d and src.in_channels == 1 and v.dtype in (torch.float32, torch.float64):
+                return torch.ops.aten.slow_conv_transpose2d(
+                    v, src.weight.to(v.dtype), src.kernel_size, bias, src.stride, self.padding,
+                    output_padding, src.dilation,
+                )
+            if fast_2d:
                 v = v.contiguous(memory_format=torch.channels_last)
             out = self._transpose(v, None, output_padding)
             return out if bias is None else out + bias.view(-1, *(1,) * self.dims)

@@ -83,17 +83,21 @@ def test_tied_conv_bias_is_per_input_channel():
     assert torch.equal(out[0, 1], torch.full((5, 5), 2.0))
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("cpu_kernels", [True, False])
 @pytest.mark.parametrize("batched", [True, False])
-def test_tied_conv_cpu_fast_path_matches_the_fused_transpose(channels_last: bool, batched: bool):
-    # On CPU the bias is added after the transpose and 4-D input may go channels_last (speed);
-    # values and gradients must equal one conv_transpose2d call with the bias fused.
-    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+@pytest.mark.parametrize("out_channels", [3, 1])
+def test_tied_conv_cpu_fast_path_matches_the_fused_transpose(
+    cpu_kernels: bool, batched: bool, out_channels: int
+):
+    # On CPU the bias is added after the transpose, 4-D input may go channels_last, and a
+    # single-channel output uses the native kernel (speed); values and gradients must equal one
+    # conv_transpose2d call with the bias fused.
+    conv = nn.Conv2d(out_channels, 4, 3, stride=2, padding=1)
     dec = TiedConv(conv, bias=True)
-    dec.channels_last = channels_last
+    dec.cpu_kernels = cpu_kernels
     with torch.no_grad():
         dec.bias.normal_()
-    x = torch.randn(2, 3, 7, 9) if batched else torch.randn(3, 7, 9)
+    x = torch.randn(2, out_channels, 7, 9) if batched else torch.randn(out_channels, 7, 9)
     v = torch.randn((2, 4, 4, 5) if batched else (4, 4, 5), requires_grad=True)
     out = dec(v, x)
     ref = F.conv_transpose2d(v, conv.weight, dec.bias, stride=2, padding=1, output_padding=0)

@@ -13,7 +13,7 @@ import overhead  # noqa: E402
 
 def test_overhead_writes_a_table_with_pairwise_ratio_and_flops(tmp_path):
     out = tmp_path / "o.md"
-    args = ["--cases", "mnist", "--repeats", "3", "--warmup", "0", "--batch", "4"]
+    args = ["--cases", "mnist", "--repeats", "3", "--warmup", "0", "--batch", "4", "--rounds", "3"]
     assert overhead.main([*args, "--write", str(out)]) == 0
     text = out.read_text()
     assert "Command: `python benchmarks/overhead.py --cases mnist" in text
@@ -22,6 +22,7 @@ def test_overhead_writes_a_table_with_pairwise_ratio_and_flops(tmp_path):
     flop_ratio = float(cells[7])
     assert 1.9 < flop_ratio < 2.2  # the tied decoder mirrors the encoder
     assert "–" in cells[4]  # quartiles of the per-repetition ratios
+    assert cells[9].startswith("3: ")  # three rounds, their range
 
 
 def test_overhead_rejects_too_few_repeats():
