@@ -193,7 +193,9 @@ class TiedConv(nn.Module):
             # channels_last input when it writes several channels, and 2-4x slower than the
             # native kernel when it writes one (a grayscale input layer).
             fast_2d = self.cpu_kernels and v.dim() == 4 and src.groups == 1
-            if fast_2d and src.in_channels == 1 and v.dtype in (torch.float32, torch.float64):
+            native = src.in_channels == 1 and v.dtype in (torch.float32, torch.float64)
+            # (the native kernel has no symbolic-shape support: not under torch.compile)
+            if fast_2d and native and not torch.compiler.is_compiling():
                 return torch.ops.aten.slow_conv_transpose2d(
                     v, src.weight.to(v.dtype), src.kernel_size, bias, src.stride, self.padding,
                     output_padding, src.dilation,
