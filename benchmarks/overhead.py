@@ -136,37 +136,26 @@ def make_step(model: nn.Module, x: Tensor, t: Tensor, wrapped: bool) -> Callable
 
 
 @contextlib.contextmanager
-def unfused_attention(model: nn.Module) -> Iterator[None]:
-    """Switch timm attention modules to their explicit matmul path (counted by the FLOP
-    counter), restoring each module's setting after."""
-    saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+def setting(modules: list[nn.Module], attribute: str, value: object) -> Iterator[None]:
+    """Set ``attribute`` to ``value`` on ``modules`` for the block, restoring each after."""
+    saved = [(m, getattr(m, attribute)) for m in modules]
     for m, _ in saved:
-        m.fused_attn = False
+        setattr(m, attribute, value)
     try:
         yield
     finally:
-        for m, value in saved:
-            m.fused_attn = value
-
-
-@contextlib.contextmanager
-def reference_kernels(model: nn.Module) -> Iterator[None]:
-    """Tied transposes through ``conv_transposeNd`` (the counter does not know the native
-    ``slow_conv_transpose2d`` that the CPU path may pick; the arithmetic is the same)."""
-    saved = [(m, m.cpu_kernels) for m in model.modules() if isinstance(m, TiedConv)]
-    for m, _ in saved:
-        m.cpu_kernels = False
-    try:
-        yield
-    finally:
-        for m, value in saved:
-            m.cpu_kernels = value
+        for m, old in saved:
+            setattr(m, attribute, old)
 
 
 def count_flops(model: nn.Module, step: Callable[[], None]) -> int:
-    with unfused_attention(model), reference_kernels(model), FlopCounterMode(
-        display=False
-    ) as counter:
+    """FLOPs of one step. timm attention runs its explicit matmul path (the fused kernel is
+    invisible to the counter) and tied transposes run ``conv_transposeNd`` (the counter does
+    not know the native ``slow_conv_transpose2d`` the CPU path may pick); same arithmetic."""
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    transposes = [m for m in model.modules() if isinstance(m, TiedConv)]
+    with setting(attention, "fused_attn", False), setting(transposes, "cpu_kernels", False), \
+            FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
 
