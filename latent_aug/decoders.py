@@ -187,24 +187,29 @@ class TiedConv(nn.Module):
             )
         )
         bias = self.bias.to(v.dtype) if self.bias is not None else None
-        if v.device.type == "cpu":
-            # Measured on the paper's MNIST net (benchmarks/results/overhead.md): oneDNN's CPU
-            # deconvolution is about 2x slower with a fused bias than without; it is faster on
-            # channels_last input when it writes several channels, and 2-4x slower than the
-            # native kernel when it writes one (a grayscale input layer).
-            fast_2d = self.cpu_kernels and v.dim() == 4 and src.groups == 1
-            native = src.in_channels == 1 and v.dtype in (torch.float32, torch.float64)
-            # (the native kernel has no symbolic-shape support: not under torch.compile)
-            if fast_2d and native and not torch.compiler.is_compiling():
+        batched_2d = self.dims == 2 and v.dim() == 4
+        if v.device.type == "cpu" and self.cpu_kernels and batched_2d and src.groups == 1:
+            return self._cpu_2d(v, bias, output_padding)
+        return self._transpose(v, bias, output_padding)
+
+    def _cpu_2d(self, v: Tensor, bias: Tensor | None, output_padding: tuple[int, ...]) -> Tensor:
+        """The same transpose through faster CPU kernels. Measured on the paper's MNIST net
+        (benchmarks/results/overhead.md): oneDNN's deconvolution is about 2x slower with a
+        fused bias than without, faster on channels_last input when it writes several
+        channels, and 2-4x slower than PyTorch's native kernel when it writes one (a
+        grayscale input layer). The native kernel has no symbolic-shape support, so not
+        under torch.compile."""
+        src = self.source
+        if src.in_channels == 1:
+            if v.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
                 return torch.ops.aten.slow_conv_transpose2d(
                     v, src.weight.to(v.dtype), src.kernel_size, bias, src.stride, self.padding,
                     output_padding, src.dilation,
                 )
-            if fast_2d:
-                v = v.contiguous(memory_format=torch.channels_last)
-            out = self._transpose(v, None, output_padding)
-            return out if bias is None else out + bias.view(-1, *(1,) * self.dims)
-        return self._transpose(v, bias, output_padding)
+        else:
+            v = v.contiguous(memory_format=torch.channels_last)
+        out = self._transpose(v, None, output_padding)
+        return out if bias is None else out + bias.view(-1, 1, 1)
 
     def _transpose(self, v: Tensor, bias: Tensor | None, output_padding: tuple[int, ...]) -> Tensor:
         src = self.source

@@ -225,7 +225,7 @@ def run_grid(
                 show(*item)
 
         for fn, what, ids, tag in jobs:
-            for row in _as_rows(fn(what, data_dir, device, download, _Direct(), ids, tag)):
+            for row in _as_list(fn(what, data_dir, device, download, _Direct(), ids, tag)):
                 store.append(row)
                 new_rows.append(row)
         bar.close()
@@ -245,7 +245,7 @@ def run_grid(
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             _drain(events, show)
             for fut in finished:
-                for row in _as_rows(fut.result()):
+                for row in _as_list(fut.result()):
                     store.append(row)
                     new_rows.append(row)
         _drain(events, show)
@@ -285,12 +285,11 @@ def estimated_cost(spec: RunSpec) -> float:
     return spec.epochs * (steps * (1.0 if spec.method == "feed_forward" else 2.5) + 25.0)
 
 
-def _as_list(what: RunSpec | list[RunSpec]) -> list[RunSpec]:
+def _as_list(what: Any) -> list:
+    """A job's spec(s) or result row(s) as a list."""
     return what if isinstance(what, list) else [what]
 
 
-def _as_rows(result: dict | list[dict]) -> list[dict]:
-    return result if isinstance(result, list) else [result]
 
 
 def _drain(events: Any, show: Any) -> None:

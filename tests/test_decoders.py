@@ -57,6 +57,8 @@ CONVS = {
     "2d_rect_kernel": (nn.Conv2d(2, 3, (3, 1), stride=(2, 1), padding=(1, 0)), (2, 2, 7, 4)),
     "1d": (nn.Conv1d(2, 3, 3, stride=2, padding=1), (2, 2, 9)),
     "3d": (nn.Conv3d(1, 2, 3, stride=2, padding=1), (2, 1, 5, 6, 5)),
+    "3d_unbatched": (nn.Conv3d(2, 3, 3, stride=2, padding=1), (2, 5, 6, 5)),  # 4-D, not 2-D
+    "2d_unbatched": (nn.Conv2d(2, 3, 3, stride=2, padding=1), (2, 7, 9)),
 }
 
 
