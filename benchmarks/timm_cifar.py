@@ -21,10 +21,10 @@ pooled latent), and its 32×32 variant is well known. On the 24×24 crops the CI
 On CPU (2 cores) resnet18 is out of reach (the CIFAR stem costs 625 MFLOP per 24×24 image
 forward; even timm's plain stem 56 MFLOP), so the CPU results use timm's ``test_resnet``: the
 same ResNet code (deep stem, max-pool, one BasicBlock per stage, batch norm, 96-d pooled
-latent, 0.37M parameters, 5 MFLOP per image, about the paper's CIFAR net) through the same
-timm contract, for 20 epochs (schedule compressed) instead of 120. It shows whether the
-regularizer helps a timm residual backbone with batch norm; it says nothing of resnet18's
-numbers, which need the GPU command above.
+latent, 0.37M parameters, 5 MFLOP per image forward) through the same timm contract, for 20
+epochs (schedule compressed) instead of 120. It shows whether the regularizer helps a timm
+residual backbone with batch norm; it says nothing of resnet18's numbers, which need the GPU
+command above.
 
 z is timm's pre-logits (the classifier input); the input decoder is ``none`` (latent-only: λ1
 unused) or, with ``--input-decoder learned``, a small decoder with its own weights: residual

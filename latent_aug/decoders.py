@@ -200,14 +200,13 @@ class TiedConv(nn.Module):
         grayscale input layer). The native kernel has no symbolic-shape support, so not
         under torch.compile."""
         src = self.source
-        if src.in_channels == 1:
-            if v.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
-                return torch.ops.aten.slow_conv_transpose2d(
-                    v, src.weight.to(v.dtype), src.kernel_size, bias, src.stride, self.padding,
-                    output_padding, src.dilation,
-                )
-        else:
+        if src.in_channels > 1:
             v = v.contiguous(memory_format=torch.channels_last)
+        elif v.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+            return torch.ops.aten.slow_conv_transpose2d(
+                v, src.weight.to(v.dtype), src.kernel_size, bias, src.stride, self.padding,
+                output_padding, src.dilation,
+            )
         out = self._transpose(v, None, output_padding)
         return out if bias is None else out + bias.view(-1, 1, 1)
 
