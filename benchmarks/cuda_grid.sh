@@ -1,58 +1,127 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 4, as one script for a short device lease.
+# The GPU measurement of issues 3 and 4, as one script for a short device lease.
 #
-#   bash benchmarks/cuda_grid.sh OUT_DIR [DATA_DIR] [WORKERS]
+#   bash benchmarks/cuda_grid.sh OUT_DIR [DATA_DIR]
 #
-# 1. A sequential slice (one run at a time, no vmap): feed_forward and
-#    perturb_class_conditional at 10 and 100 examples per class, set 1.
-# 2. The whole MNIST Table 1 grid (6 methods x 9 sizes x 3 sets = 162 runs, 120 epochs,
-#    per-epoch validation) with the sets of each cell vmapped and WORKERS processes
-#    sharing the GPU.
-# Both write CSVs (resumable) and wall times into OUT_DIR; cuda_timing.md sums it up with
-# the sequential grid time extrapolated from the slice (per-epoch and per-step costs fitted
-# on the slice, applied to the grid's epochs and steps).
-set -euo pipefail
-OUT=${1:?usage: cuda_grid.sh OUT_DIR [DATA_DIR] [WORKERS]}
+# Environment: TOTAL_SECONDS (default 560): stage 3 stops in time to write the summary
+# within it; RESUME_DIR: a folder holding an earlier call's files (check.txt and the CSVs),
+# whose finished stages are skipped and whose grid CSV is resumed; DEVICE (default cuda), EPOCHS
+# (default 120) and GRID_FLAGS (default "--preset table1-mnist") exist for dry runs on CPU;
+# PYTHON (default python3).
+#
+# 1. graph check: proposed_base (deterministic) at 10 and 20 per class, set 1, 3 epochs,
+#    three ways -- lanes with a CUDA graph, lanes eager, one run at a time -- side by side.
+#    If the graph capture failed, stage 3 runs eager lanes in 6 worker processes instead.
+# 2. sequential slice: feed_forward and perturb_class_conditional at 10 and 100 per class,
+#    set 1, 120 epochs, one run at a time (the baseline of the speed-up).
+# 3. the whole MNIST Table 1 grid (6 methods x 9 sizes x 3 sets = 162 runs, 120 epochs,
+#    per-epoch validation) in lanes: every run of a method in one trainer, the six trainers
+#    round-robin on their own CUDA streams in one process. Resumable: rerun with the CSV in
+#    OUT_DIR to finish an interrupted grid.
+# Every stage writes its CSV row by row; cuda_timing.md sums up the wall times with the
+# sequential grid time extrapolated from the slice (per-epoch and per-step costs fitted on
+# the slice, applied to the grid's epochs and steps).
+set -uo pipefail
+OUT=${1:?usage: cuda_grid.sh OUT_DIR [DATA_DIR]}
 DATA=${2:-${LATENT_AUG_DATA:-}}
-WORKERS=${3:-4}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+EPOCHS=${EPOCHS:-120}
+TOTAL_SECONDS=${TOTAL_SECONDS:-560}  # the grid stops in time for the summary within this
+GRID_FLAGS=${GRID_FLAGS:---preset table1-mnist}
+RESUME_DIR=${RESUME_DIR:-}  # a folder with earlier CSVs: copied in, finished stages skipped
+START=$(date +%s)
+GRID_FLAGS=${GRID_FLAGS:---preset table1-mnist}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+WORK=$(mktemp -d)  # logs and side files; only the 7 files below go to OUT (8 come back)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DATA_FLAG=()
 [ -n "$DATA" ] && DATA_FLAG=(--data-dir "$DATA")
-python - <<'PY' | tee "$OUT/device.txt"
-import datetime, torch
-print(torch.__version__, torch.cuda.get_device_name(), datetime.datetime.utcnow().isoformat() + "Z")
-PY
-t0=$(date +%s.%N)
-python benchmarks/reproduce.py --dataset mnist --methods feed_forward perturb_class_conditional \
-    --per-class 10 100 --splits 1 --device cuda --workers 1 --name cuda-sequential-slice \
-    --results-dir "$OUT" "${DATA_FLAG[@]}" > "$OUT/sequential.log" 2>&1
-t1=$(date +%s.%N)
-python benchmarks/reproduce.py --preset table1-mnist --device cuda --vectorize \
-    --workers "$WORKERS" --name table1-mnist-cuda --results-dir "$OUT" "${DATA_FLAG[@]}" \
-    > "$OUT/grid.log" 2>&1
-t2=$(date +%s.%N)
-python - "$OUT" "$t0" "$t1" "$t2" "$WORKERS" <<'PY'
-import csv, sys
-out, t0, t1, t2, workers = sys.argv[1], *map(float, sys.argv[2:5]), sys.argv[5]
-rows = list(csv.DictReader(open(f"{out}/cuda-sequential-slice.csv")))
-# seconds = epochs * a + steps * b per method, fitted on the two sizes of the slice
-steps = lambda n: 120 * ((5000 if n == "all" else int(n)) * 10 // 100)
-est = 0.0
-for m in ("feed_forward", "perturb_class_conditional"):
-    r = {x["per_class"]: float(x["seconds"]) for x in rows if x["method"] == m}
-    b = (r["100"] - r["10"]) / (steps(100) - steps(10))
-    a = r["10"] - b * steps(10)
-    sizes = [10, 20, 50, 100, 200, 500, 1000, 2000, "all"]
-    # the 6 Table-1 methods: 1 plain (feed_forward) and 5 wrapped, costed like pcc
-    n = 1 if m == "feed_forward" else 5
-    est += n * 3 * sum(a + b * steps(s) for s in sizes)
-text = f"""# MNIST Table 1 on CUDA
+RUN=("$PY" benchmarks/reproduce.py --dataset mnist --device "$DEVICE" "${DATA_FLAG[@]}")
+stamp() { date +%s.%N; }
 
-- sequential slice (4 runs, one at a time): {t1 - t0:.1f} s
-- full grid, 162 runs, vectorized over sets, {workers} workers: {t2 - t1:.1f} s
+"$PY" - "$DEVICE" <<'PY' | tee "$WORK/device.txt"
+import datetime, sys, torch
+dev = sys.argv[1]
+name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
+print(f"torch {torch.__version__}, {name}, {datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%M:%SZ}")
+PY
+
+if [ -n "$RESUME_DIR" ]; then
+    cp "$RESUME_DIR"/check.txt "$RESUME_DIR"/*.csv "$OUT"/ 2>/dev/null
+    cp "$OUT/cuda-sequential-slice.csv" "$WORK/" 2>/dev/null
+fi
+
+# 1. graph check
+t=$(stamp)
+[ -s "$OUT/check.txt" ] || for way in graph eager sequential; do
+    flags=(--vectorize lanes)
+    [ $way = eager ] && flags+=(--no-cuda-graph)
+    [ $way = sequential ] && flags=()
+    timeout 150 "${RUN[@]}" --methods proposed_base --per-class 10 20 --splits 1 --epochs 3 \
+        --workers 1 --results-dir "$WORK" --name "check-$way" "${flags[@]}" \
+        > "$WORK/check-$way.log" 2>&1
+    echo "check $way: rc $? $(grep -h 'grid wall time' "$WORK/check-$way.log")"
+    cat "$WORK/check-$way.csv"
+done | tee "$OUT/check.txt"
+echo "stage 1: $(awk "BEGIN{print $(stamp) - $t}") s" | tee -a "$OUT/check.txt"
+touch "$WORK/check-graph.log"
+WORKERS=1
+LANE_FLAGS=()
+if grep -q "CUDA graph capture failed\|graph capture failed" "$WORK/check-graph.log" "$OUT/check.txt"; then
+    echo "graph capture failed: stage 3 runs eager lanes in 6 workers" | tee -a "$OUT/check.txt"
+    WORKERS=6
+    LANE_FLAGS=(--no-cuda-graph)
+fi
+
+# 2. sequential slice
+t0=$(stamp)
+[ -s "$WORK/cuda-sequential-slice.csv" ] || timeout 240 "${RUN[@]}" --methods feed_forward perturb_class_conditional --per-class 10 100 \
+    --splits 1 --epochs "$EPOCHS" --workers 1 --results-dir "$WORK" --name cuda-sequential-slice \
+    > "$WORK/sequential.log" 2>&1
+echo "sequential slice rc $?"
+cp "$WORK/cuda-sequential-slice.csv" "$OUT/" 2>/dev/null
+t1=$(stamp)
+
+# 3. the grid
+GRID=("${RUN[@]}" $GRID_FLAGS --epochs "$EPOCHS" --results-dir "$OUT" --name table1-mnist-cuda)
+GRID_SECONDS=$((TOTAL_SECONDS - ($(date +%s) - START) - 30))
+timeout "$GRID_SECONDS" "${GRID[@]}" --vectorize lanes --workers "$WORKERS" "${LANE_FLAGS[@]}" \
+    > "$WORK/grid.log" 2>&1
+echo "grid rc $? (124: stopped at GRID_SECONDS=$GRID_SECONDS; rerun to resume)"
+t2=$(stamp)
+"${GRID[@]}" --report-only > /dev/null 2>&1  # the report of what finished
+
+for f in "$WORK"/*.log; do  # progress bars: last lines only
+    echo "== $f"; tr '\r' '\n' < "$f" | grep -v '^ *$' | tail -25
+done > "$OUT/logs.txt"
+"$PY" - "$OUT" "$t0" "$t1" "$t2" "$WORKERS" "$EPOCHS" "$WORK" <<'PY'
+import csv, sys
+from pathlib import Path
+out, t0, t1, t2, workers, epochs, work = sys.argv[1], *map(float, sys.argv[2:5]), *sys.argv[5:8]
+epochs = int(epochs)
+read = lambda name: list(csv.DictReader(open(f"{out}/{name}.csv"))) if Path(f"{out}/{name}.csv").exists() else []
+seq, grid = read("cuda-sequential-slice"), read("table1-mnist-cuda")
+steps = lambda n: epochs * ((5000 if n == "all" else int(n)) * 10 // 100)
+sizes = [10, 20, 50, 100, 200, 500, 1000, 2000, "all"]
+est = 0.0
+try:  # seconds = epochs * a + steps * b per method, fitted on the two sizes of the slice
+    for m in ("feed_forward", "perturb_class_conditional"):
+        r = {x["per_class"]: float(x["seconds"]) for x in seq if x["method"] == m}
+        b = (r["100"] - r["10"]) / (steps(100) - steps(10))
+        a = r["10"] - b * steps(10)
+        n = 1 if m == "feed_forward" else 5  # 1 plain and 5 wrapped methods, wrapped as pcc
+        est += n * 3 * sum(a + b * steps(s) for s in sizes)
+except KeyError as err:
+    est = float("nan")
+    print(f"sequential slice incomplete ({err}); no extrapolation")
+grid_s = t2 - t1
+text = f"""# MNIST Table 1 on CUDA ({open(f"{work}/device.txt").read().strip()})
+
+- sequential slice ({len(seq)} of 4 runs, one at a time): {t1 - t0:.1f} s
+- grid in lanes, {workers} process(es): {len(grid)} of 162 runs finished in {grid_s:.1f} s
 - sequential full grid, extrapolated from the slice: {est:.0f} s
-- speed-up: {est / (t2 - t1):.1f}x
+- speed-up (complete grid only): {est / grid_s if len(grid) == 162 else float('nan'):.1f}x
 """
 open(f"{out}/cuda_timing.md", "w").write(text)
 print(text)

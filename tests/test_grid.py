@@ -182,10 +182,10 @@ def test_jobs_run_longest_first() -> None:
         RunSpec("mnist", "perturb_class_conditional", per_class=100, split=1, epochs=10),
         RunSpec("mnist", "perturb_class_conditional", per_class=100, split=1),
     ]
-    order = [job[2] for job in grid._jobs(specs, {}, vectorize=False)]
+    order = [job[2] for job in grid._jobs(specs, {}, None)]
     assert order == [2, 4, 1, 0, 3]  # 10 epochs at 100 per class cost less than 120 at 10
     groups = grid._jobs([*specs[:2], RunSpec("mnist", "feed_forward", per_class=10, split=2)],
-                        {}, vectorize=True)
+                        {}, "sets")
     assert [job[2] for job in groups] == [[0, 2], 1]  # a group costs the sum of its runs
 
 
@@ -276,3 +276,62 @@ def test_grid_killed_mid_run_keeps_complete_rows_and_resumes(tmp_path: Path) -> 
     after = _complete_rows(csv_path)
     assert after[: len(before)] == before  # finished rows are kept byte for byte
     assert sorted(spec_key_of(r) for r in after) == sorted(spec_key(s) for s in KILL_SPECS)
+
+
+# ----------------------------------------------------------------------------------------------
+# lanes: whole method families in one trainer, rows written as each run finishes
+# ----------------------------------------------------------------------------------------------
+
+LANE_SPECS = [
+    RunSpec("mnist", method, per_class=k, split=split, epochs=2, batch_size=10)
+    for method in ("feed_forward", "proposed_base")
+    for k in (2, 4)
+    for split in (1, 2)
+]
+
+
+def test_lanes_grid_writes_each_run_at_once_and_matches_sequential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    _write_tiny_mnist(data_dir)
+    lanes_store = ResultStore(tmp_path / "lanes.csv")
+    rows_when_job_returned = []
+    real = grid.execute_lanes
+
+    def spy(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        rows_when_job_returned.append(len(lanes_store.rows()))
+        return rows
+
+    monkeypatch.setattr(grid, "execute_lanes", spy)
+    run_grid(LANE_SPECS[:3], lanes_store, data_dir=str(data_dir), vectorize="lanes",
+             progress=False)
+    assert rows_when_job_returned == [3]  # written through events before the job returned
+    new = run_grid(LANE_SPECS, lanes_store, data_dir=str(data_dir), vectorize="lanes",
+                   progress=False)
+    assert len(new) == len(LANE_SPECS) - 3  # resumed: the first three were not trained again
+    seq_store = ResultStore(tmp_path / "seq.csv")
+    run_grid(LANE_SPECS, seq_store, data_dir=str(data_dir), progress=False)
+    lanes = {spec_key_of(r): r for r in lanes_store.rows()}
+    seq = {spec_key_of(r): r for r in seq_store.rows()}
+    assert lanes.keys() == seq.keys() and len(lanes) == len(LANE_SPECS)
+    for key, row in seq.items():
+        assert lanes[key]["tag"] == "lanes"
+        for col in ("test_error", "best_val_error", "best_epoch"):
+            assert lanes[key][col] == row[col], (key, col)
+
+
+def test_lanes_jobs_split_families_over_workers_and_keep_the_rest() -> None:
+    specs = [*LANE_SPECS, RunSpec("cifar10", "feed_forward", per_class=2, split=1),
+             RunSpec("mnist", "ladder", per_class=2, split=1)]
+    jobs = grid._jobs(specs, {}, "lanes", workers=2)
+    lane_jobs = [j for j in jobs if isinstance(j[0], grid.partial)]
+    assert sorted(len(j[1]) for j in lane_jobs) == [4, 4]  # one method family per worker
+    assert {j[1][0].method for j in lane_jobs} == {"feed_forward", "proposed_base"}
+    rest = sorted(j[2] for j in jobs if not isinstance(j[0], grid.partial))
+    assert rest == [8, 9]  # crops and stateful methods take the per-run path, ids into specs
+    assert len(grid._jobs(specs[:8], {}, "lanes", workers=1)) == 1
+    with pytest.raises(ValueError, match="vectorize must be"):
+        grid._vectorize_mode("grid")
