@@ -196,7 +196,38 @@ def report(name: str, rows: list[dict[str, str]], header: str = "") -> str:
     if any(r["dataset"] == "cifar10" for r in rows):
         lines += ["CIFAR-10 numbers are measured on the JPEG re-encoded copy (quality ~75), so "
                   "they are close to, not identical with, the original dataset's.", ""]
+    lines += criterion(summary)
     return "\n".join(lines)
+
+
+def criterion(summary: dict[tuple, dict], min_size: int = 50, tolerance: float = 0.25) -> list[str]:
+    """Issue 3's test of a reproduction, on the MNIST cells with >= ``min_size`` per class:
+    ``proposed_base`` and ``perturb_class_conditional`` beat ``feed_forward`` at every size,
+    and every Table 1 method is within ``tolerance`` (relative) of the paper."""
+    cells = {(k[1], k[2]): v for k, v in summary.items()
+             if k[0] == "mnist" and k[1] in TABLE1_METHODS
+             and (k[2] == "all" or k[2] >= min_size)}
+    if not cells:
+        return []
+    sizes = sorted({s for _, s in cells}, key=lambda s: 10**9 if s == "all" else s)
+    lines = [f"## Reproduction criterion (MNIST, >= {min_size} per class)", ""]
+    for m in ("proposed_base", "perturb_class_conditional"):
+        losses = [str(s) for s in sizes if (m, s) in cells and ("feed_forward", s) in cells
+                  and cells[m, s]["mean"] >= cells["feed_forward", s]["mean"]]
+        compared = [s for s in sizes if (m, s) in cells and ("feed_forward", s) in cells]
+        verdict = "yes" if not losses else f"no (not at {', '.join(losses)})"
+        lines.append(f"- {m} beats feed_forward at every size measured "
+                     f"({len(compared)} sizes): {verdict}")
+    outside = []
+    for (m, s), c in sorted(cells.items(), key=lambda kv: (TABLE1_METHODS.index(kv[0][0]),
+                                                           10**9 if kv[0][1] == "all"
+                                                           else kv[0][1])):
+        p = paper_value("mnist", m, s, c["splits"])
+        if p and abs(c["mean"] - p) / p > tolerance:
+            outside.append(f"{m}@{s} {c['mean']:.2f} vs {p:.2f} ({(c['mean'] - p) / p:+.0%})")
+    lines.append(f"- cells within {tolerance:.0%} of the paper: {len(cells) - len(outside)} of "
+                 f"{len(cells)}" + (f"; outside: {'; '.join(outside)}" if outside else ""))
+    return [*lines, ""]
 
 
 def plot(name: str, rows: list[dict[str, str]], path: Path) -> None:

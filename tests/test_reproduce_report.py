@@ -1,0 +1,35 @@
+"""The reproduction report's criterion (issue 3): who beats feed_forward, which cells are
+within 25 % of the paper."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.paper_tables import PER_SET  # noqa: E402
+from benchmarks.reproduce import criterion, summarize  # noqa: E402
+
+
+def rows(errors: dict[tuple[str, int], float]) -> list[dict[str, str]]:
+    return [{"dataset": "mnist", "method": m, "per_class": str(n), "split": "1", "options": "",
+             "test_error": str(e)} for (m, n), e in errors.items()]
+
+
+def test_criterion_names_losses_and_cells_outside_the_tolerance():
+    paper = {m: PER_SET["mnist"][m][1][100] for m in ("feed_forward", "proposed_base",
+                                                       "perturb_class_conditional")}
+    measured = {("feed_forward", 100): paper["feed_forward"],
+                ("proposed_base", 100): paper["proposed_base"] * 1.1,
+                ("perturb_class_conditional", 100): paper["feed_forward"] * 1.5,  # loses
+                ("proposed_base", 20): 99.0}  # below the size threshold: ignored
+    text = "\n".join(criterion(summarize(rows(measured))))
+    assert "proposed_base beats feed_forward at every size measured (1 sizes): yes" in text
+    assert "perturb_class_conditional beats feed_forward at every size measured (1 sizes): " \
+           "no (not at 100)" in text
+    assert "within 25% of the paper: 2 of 3; outside: perturb_class_conditional@100" in text
+    assert "@20" not in text
+
+
+def test_criterion_is_empty_without_mnist_cells_at_50_or_more():
+    assert criterion(summarize(rows({("feed_forward", 10): 20.0}))) == []
