@@ -187,7 +187,7 @@ class TiedConv(nn.Module):
             )
         )
         bias = self.bias.to(v.dtype) if self.bias is not None else None
-        batched_2d = self.dims == 2 and v.dim() == 4
+        batched_2d = self.dims == 2 and v.dim() == 4 and v.shape[0] > 0  # native: no empty batch
         if v.device.type == "cpu" and self.cpu_kernels and batched_2d and src.groups == 1:
             return self._cpu_2d(v, bias, output_padding)
         return self._transpose(v, bias, output_padding)

@@ -388,9 +388,11 @@ def _as_list(what: Any) -> list:
 
 
 
-def _drain(events: Any, show: Any) -> None:
+def _drain(events: Any, handle: Any) -> None:
+    """Hand every queued event (a progress tuple or a ``("row", id, row)``) to ``handle``."""
     while True:
         try:
-            show(*events.get_nowait())
+            item = events.get_nowait()
         except _queue.Empty:
             return
+        handle(item)

@@ -86,10 +86,10 @@ def test_tied_conv_bias_is_per_input_channel():
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False])
-@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("batched", [True, False, "empty"])
 @pytest.mark.parametrize("out_channels", [3, 1])
 def test_tied_conv_cpu_fast_path_matches_the_fused_transpose(
-    cpu_kernels: bool, batched: bool, out_channels: int
+    cpu_kernels: bool, batched: bool | str, out_channels: int
 ):
     # On CPU the bias is added after the transpose, 4-D input may go channels_last, and a
     # single-channel output uses the native kernel (speed); values and gradients must equal one
@@ -99,8 +99,9 @@ def test_tied_conv_cpu_fast_path_matches_the_fused_transpose(
     dec.cpu_kernels = cpu_kernels
     with torch.no_grad():
         dec.bias.normal_()
-    x = torch.randn(2, out_channels, 7, 9) if batched else torch.randn(out_channels, 7, 9)
-    v = torch.randn((2, 4, 4, 5) if batched else (4, 4, 5), requires_grad=True)
+    n = 0 if batched == "empty" else 2  # an empty batch must work too
+    x = torch.randn(n, out_channels, 7, 9) if batched else torch.randn(out_channels, 7, 9)
+    v = torch.randn((n, 4, 4, 5) if batched else (4, 4, 5), requires_grad=True)
     out = dec(v, x)
     ref = F.conv_transpose2d(v, conv.weight, dec.bias, stride=2, padding=1, output_padding=0)
     torch.testing.assert_close(out, ref)

@@ -335,3 +335,17 @@ def test_lanes_jobs_split_families_over_workers_and_keep_the_rest() -> None:
     assert len(grid._jobs(specs[:8], {}, "lanes", workers=1)) == 1
     with pytest.raises(ValueError, match="vectorize must be"):
         grid._vectorize_mode("grid")
+
+
+@pytest.mark.parametrize("vectorize", [False, "lanes"])
+def test_worker_processes_send_progress_and_rows(tmp_path: Path, vectorize) -> None:
+    """Two spawned workers: progress events and (lanes) finished rows cross the process
+    boundary through the manager queue, and every run ends up in the CSV once."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    _write_tiny_mnist(data_dir)
+    store = ResultStore(tmp_path / "grid.csv")
+    new = run_grid(LANE_SPECS, store, data_dir=str(data_dir), workers=2, threads=1,
+                   vectorize=vectorize, progress=False)
+    assert len(new) == len(LANE_SPECS)
+    assert sorted(spec_key_of(r) for r in store.rows()) == sorted(map(spec_key, LANE_SPECS))
