@@ -265,8 +265,8 @@ class LaneTrainer:
         """One lockstep step of every lane; False once every run has finished."""
         if self.k >= self.total_steps:
             return False
-        ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        with ctx:
+        on_stream = self.stream is not None
+        with torch.cuda.stream(self.stream) if on_stream else contextlib.nullcontext():
             if self.boundary:
                 self._before_step()
                 self.boundary = False
