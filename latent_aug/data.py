@@ -539,6 +539,11 @@ DATASETS: tuple[str, ...] = tuple(_LOADERS)
 _CROP: dict[str, int | None] = {"mnist": None, "cifar10": 24}
 
 
+def train_crop(dataset: str) -> int | None:
+    """The random-crop size a dataset trains with (None: no crops)."""
+    return _CROP[_check_dataset(dataset)]
+
+
 def _check_dataset(name: str) -> str:
     if name not in _LOADERS:
         raise ConfigError(

@@ -69,9 +69,9 @@ def can_pack(spec: RunSpec, data: DataSplit) -> str | None:
 def can_pack_spec(spec: RunSpec) -> bool:
     """Whether ``spec`` can go into lanes, decided before loading data (see :func:`can_pack`):
     a dataset without crops, a stateless method, a training set a multiple of the batch."""
-    from .data import _CROP
+    from .data import train_crop
 
-    if _CROP.get(spec.dataset) or spec.method in ("ladder", "isda", "manifold_mixup"):
+    if train_crop(spec.dataset) or spec.method in ("ladder", "isda", "manifold_mixup"):
         return False
     return spec.per_class == "all" or (10 * int(spec.per_class)) % spec.batch_size == 0
 
