@@ -31,6 +31,7 @@ changes the step's shape): :func:`can_pack` says why; those runs take the per-ce
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -226,7 +227,7 @@ class LaneTrainer:
     def _views(self, flat: Tensor) -> dict[str, Tensor]:
         """``(L, P)`` rows -> ``{name: (L, *shape)}`` views."""
         return {
-            name: flat[:, o : o + _numel(shape)].view(flat.shape[0], *shape)
+            name: flat[:, o : o + math.prod(shape)].view(flat.shape[0], *shape)
             for name, shape, o in zip(self.names, self.shapes, self.offsets)
         }
 
@@ -414,13 +415,6 @@ class LaneTrainer:
             self.on_epoch(run, epoch + 1, hist[run][epoch])
         self.pending.clear()
         self.last_report = time.monotonic()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def train_families(trainers: Sequence[LaneTrainer]) -> None:
