@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import io
@@ -19,7 +20,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue as _queue
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import partial
 from pathlib import Path
@@ -48,7 +49,10 @@ def spec_key(spec: RunSpec) -> tuple[str, ...]:
 
 
 class ResultStore:
-    """A CSV of finished runs, appended to atomically."""
+    """A CSV of finished runs, appended to atomically.
+
+    Appends hold an exclusive lock on ``<csv>.lock`` (POSIX ``flock``) around their
+    read-modify-write, so two grids writing one CSV at once keep every row."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -63,12 +67,28 @@ class ResultStore:
         return {tuple(r.get(k, "") for k in KEY) for r in self.rows()}
 
     def append(self, row: dict[str, Any]) -> None:
-        rows = self.rows() + [{k: row.get(k, "") for k in COLUMNS}]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.path, buf.getvalue())
+        with self._locked():
+            rows = self.rows() + [{k: row.get(k, "") for k in COLUMNS}]
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(self.path, buf.getvalue())
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: one writer at a time is the caller's business
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def result_row(spec: RunSpec, result: RunResult, device: str, tag: str = "") -> dict[str, Any]:

@@ -349,3 +349,22 @@ def test_worker_processes_send_progress_and_rows(tmp_path: Path, vectorize) -> N
                    vectorize=vectorize, progress=False)
     assert len(new) == len(LANE_SPECS)
     assert sorted(spec_key_of(r) for r in store.rows()) == sorted(map(spec_key, LANE_SPECS))
+
+
+_APPENDER = """
+import sys
+from latent_aug.grid import ResultStore
+store, who = ResultStore(sys.argv[1]), sys.argv[2]
+for i in range(40):
+    store.append({"dataset": "mnist", "method": who, "per_class": i, "split": 1, "epochs": 1})
+"""
+
+
+def test_two_processes_appending_to_one_csv_keep_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "shared.csv"
+    procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(path), who])
+             for who in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    rows = ResultStore(path).rows()
+    assert sorted((r["method"], int(r["per_class"])) for r in rows) == sorted(
+        (who, i) for who in ("a", "b") for i in range(40))
