@@ -164,12 +164,11 @@ def execute_group(
     tags: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train runs that differ only in their set together (vmap); return their CSV rows."""
+    from .data import load_dataset, split_from
     from .vectorized import train_runs_vectorized
 
-    datas = []
-    for spec in specs:
-        _DATA_CACHE.clear()
-        datas.append(_data_for(spec, data_dir, device, download))
+    loaded = load_dataset(specs[0].dataset, data_dir, download=download)  # one load per cell
+    datas = [split_from(loaded, s.dataset, s.per_class, s.split, device) for s in specs]
     ids = run_ids or list(range(len(specs)))
 
     def on_epoch(r: int, epoch: int, val: float) -> None:
