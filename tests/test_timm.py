@@ -282,6 +282,7 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
         loss = _ddp_step(ddp.module, rank, forward=ddp)
         grads = {n: p.grad.clone() for n, p in wrapped.named_parameters()}
         torch.save({"loss": loss, "grads": grads}, f"{folder}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another still talks
     finally:
         dist.destroy_process_group()
 

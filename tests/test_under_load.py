@@ -203,6 +203,7 @@ def _ddp_worker(rank: int, port: int) -> None:
             opt.step()
             for name, p in wrapped.named_parameters():
                 _same_on_all_ranks(p.detach(), f"step {step} param {name}")
+        dist.barrier()  # no rank tears gloo down while another still talks
     finally:
         dist.destroy_process_group()
 

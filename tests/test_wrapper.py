@@ -765,6 +765,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 {"params": gathered, "moved": float((flat - start).abs().max())},
                 os.path.join(out_dir, "result.pt"),
             )
+        dist.barrier()  # no rank tears gloo down while another still talks (seen: SIGABRT)
     finally:
         dist.destroy_process_group()
 
