@@ -80,6 +80,8 @@ __all__ = [
     "DataSplit",
     "center_crop",
     "channel_mean",
+    "crop_draws",
+    "crop_flip_at",
     "load_cifar10",
     "load_dataset",
     "load_mnist",
@@ -698,16 +700,37 @@ def random_crop_flip(x: Tensor, size: int, generator: torch.Generator | None = N
     Returns:
         ``(B, C, size, size)``.
     """
-    b, c, h, w = _check_crop(x, size)
-    gen_device = generator.device if generator is not None else x.device
+    b, _, h, w = _check_crop(x, size)
+    top, left, flip = crop_draws(b, h, w, size, generator, x.device)
+    return crop_flip_at(x, size, top, left, flip)
+
+
+def crop_draws(
+    b: int,
+    h: int,
+    w: int,
+    size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The random draws of :func:`random_crop_flip` for ``b`` images of ``h x w``:
+    ``(top, left, flip)``, each ``(b,)`` long on ``device``, drawn in this order from
+    ``generator`` (lanes draw a whole epoch's crops ahead with the same sequence)."""
+    gen_device = generator.device if generator is not None else device
 
     def draw(high: int) -> Tensor:
-        return torch.randint(0, high, (b,), generator=generator, device=gen_device).to(x.device)
+        return torch.randint(0, high, (b,), generator=generator, device=gen_device).to(device)
 
-    top, left, flip = draw(h - size + 1), draw(w - size + 1), draw(2).bool()
+    return draw(h - size + 1), draw(w - size + 1), draw(2)
+
+
+def crop_flip_at(x: Tensor, size: int, top: Tensor, left: Tensor, flip: Tensor) -> Tensor:
+    """Crop ``x (B, C, H, W)`` at per-sample ``top, left (B,)`` to ``size x size`` and flip
+    the samples whose ``flip (B,)`` is nonzero horizontally."""
+    b, c, _, w = x.shape
     steps = torch.arange(size, device=x.device)
     rows = top[:, None] + steps  # (B, S)
-    cols = left[:, None] + torch.where(flip[:, None], size - 1 - steps, steps)  # (B, S)
+    cols = left[:, None] + torch.where(flip[:, None].bool(), size - 1 - steps, steps)  # (B, S)
     out = x.gather(2, rows[:, None, :, None].expand(b, c, size, w))  # (B, C, S, W)
     return out.gather(3, cols[:, None, None, :].expand(b, c, size, size))  # (B, C, S, S)
 

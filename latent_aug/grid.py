@@ -369,7 +369,7 @@ def _jobs(todo: list[RunSpec], tags: dict[RunSpec, str], mode: str | None, worke
             ids = [i for f in bundle for i in fams[f]]
             jobs.append((lanes_fn, [todo[i] for i in ids], ids, [tags.get(todo[i], "")
                                                                  for i in ids]))
-        # the rest (crops, stateful methods) as vectorized cells; their ids back into todo
+        # the rest (short batches, stateful methods) as vectorized cells; their ids back into todo
         for fn, what, ids, tag in _jobs([todo[i] for i in rest], tags, "sets"):
             mapped = [rest[j] for j in ids] if isinstance(ids, list) else rest[ids]
             jobs.append((fn, what, mapped, tag))

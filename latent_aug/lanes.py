@@ -23,9 +23,13 @@ size and the optimizer, and differs only in its data, its seed and how many step
   driven round-robin by :func:`train_families` overlap on the GPU. Capture failures fall back
   to eager steps with a warning.
 
-Not for datasets with random crops (CIFAR-10: the crops draw from the run's generator every
-step) or runs whose training set is not a multiple of the batch size (a short last batch
-changes the step's shape): :func:`can_pack` says why; those runs take the per-cell path.
+Random crops (CIFAR-10) draw from the run's own generator in the one-run-at-a-time order: at
+each epoch start a lane draws its run's order and then every step's crop offsets and flips
+(:func:`~latent_aug.data.crop_draws`, the same calls in the same sequence as
+:func:`~latent_aug.data.random_crop_flip` makes them step by step), so the crops are the
+sequential run's crops; evaluation takes the centre crop. Not for runs whose training set is
+not a multiple of the batch size (a short last batch changes the step's shape) or methods with
+state outside their parameters: :func:`can_pack` says why; those runs take the per-cell path.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from .data import DataSplit
+from .data import DataSplit, center_crop, crop_draws, crop_flip_at
 from .decoders import TiedConv
 from .errors import ConfigError
 from .protocol import LEARNING_RATE, RunResult, RunSpec, build_model, lr_at
@@ -57,8 +61,6 @@ def family_key(spec: RunSpec) -> tuple:
 
 def can_pack(spec: RunSpec, data: DataSplit) -> str | None:
     """Why ``spec`` cannot be trained in lanes, or None when it can."""
-    if data.crop:
-        return "its dataset uses per-step random crops drawn from the run's generator"
     if data.train_x.shape[0] % spec.batch_size:
         return (f"its {data.train_x.shape[0]} training examples are not a multiple of the "
                 f"batch size {spec.batch_size}")
@@ -69,10 +71,8 @@ def can_pack(spec: RunSpec, data: DataSplit) -> str | None:
 
 def can_pack_spec(spec: RunSpec) -> bool:
     """Whether ``spec`` can go into lanes, decided before loading data (see :func:`can_pack`):
-    a dataset without crops, a stateless method, a training set a multiple of the batch."""
-    from .data import train_crop
-
-    if train_crop(spec.dataset) or spec.method in ("ladder", "isda", "manifold_mixup"):
+    a stateless method and a training set a multiple of the batch."""
+    if spec.method in ("ladder", "isda", "manifold_mixup"):
         return False
     return spec.per_class == "all" or (10 * int(spec.per_class)) % spec.batch_size == 0
 
@@ -117,7 +117,8 @@ class LaneTrainer:
         specs, datas: The runs and their data (all on one device).
         lanes: Number of lanes (default: see :func:`pack_lanes`).
         cuda_graph: Capture the step in a CUDA graph (default: on CUDA).
-        eval_batch: Images per lane per evaluation call (default 1000 on CPU, 10000 on CUDA).
+        eval_batch: Images per lane per evaluation call (default 1000 on CPU; on CUDA 10000
+            for MNIST-sized inputs, fewer for larger ones: ``8e6 / (C·H·W)``, at least 500).
         on_epoch: ``(run index, epoch, validation error)``, called in batches about once a
             second (reading the errors synchronizes with the device).
         on_result: ``(run index, RunResult)``, as soon as a run finishes.
@@ -151,7 +152,10 @@ class LaneTrainer:
         self.epochs = spec0.epochs
         self.base_lr = LEARNING_RATE[spec0.dataset]
         self.on_epoch, self.on_result = on_epoch, on_result
-        self.eval_batch = eval_batch or (10000 if on_cuda else 1000)
+        self.crop = datas[0].crop
+        c, h, w = datas[0].input_shape
+        self.eval_batch = eval_batch or (
+            max(500, min(10000, 8_000_000 // (c * h * w))) if on_cuda else 1000)
         self.sizes = [d.train_x.shape[0] for d in datas]
         self.spe = [n // self.batch for n in self.sizes]  # steps per epoch
         costs = [self.epochs * s for s in self.spe]
@@ -194,6 +198,9 @@ class LaneTrainer:
         self.order = torch.zeros(R, self.width, dtype=torch.long, device=device)
         self.pos = torch.zeros(R, dtype=torch.long, device=device)
         self.arange = torch.arange(self.batch, device=device)
+        # crops: (top, left, flip) of every position of the lane's current epoch
+        self.crops = (torch.zeros(R, 3, self.width, dtype=torch.long, device=device)
+                      if self.crop else None)
         self.hist_val = torch.zeros(len(specs), self.epochs, **f32)
         self.hist_loss = torch.zeros(len(specs), self.epochs, **f32)
 
@@ -232,9 +239,15 @@ class LaneTrainer:
         }
 
     def _train_step(self) -> None:
-        idx = self.order.gather(1, (self.pos[:, None] + self.arange) % self.width)
+        at = (self.pos[:, None] + self.arange) % self.width  # (R, B) positions in the epoch
+        idx = self.order.gather(1, at)
         self.pos += self.batch
-        grads, loss = self.step_fn(self._views(self.flat), self.pool_x[idx], self.pool_y[idx])
+        x = self.pool_x[idx]
+        if self.crops is not None:
+            top, left, flip = self.crops.gather(2, at[:, None].expand(-1, 3, -1)).unbind(1)
+            x = crop_flip_at(x.flatten(0, 1), self.crop, top.flatten(), left.flatten(),
+                             flip.flatten()).unflatten(0, (self.R, self.batch))
+        grads, loss = self.step_fn(self._views(self.flat), x, self.pool_y[idx])
         g = torch.cat([grads[n].reshape(self.R, -1) for n in self.names], 1)
         adam_(self.flat, g, self.m, self.v, self.adam_step, self.lr)
         self.loss_acc += loss.detach() * self.batch
@@ -309,10 +322,21 @@ class LaneTrainer:
                 n = self.sizes[run]
                 order = torch.randperm(n, generator=self.gens[run], device=self.device)
                 self.order[r, :n] = order + self.offset[run]
+                if self.crops is not None:
+                    self._draw_crops(r, run)
                 self.pos[r] = 0
                 self.lr[r] = lr_at(s // self.spe[run], self.base_lr, self.epochs)
         active = [self.epoch_end[r] for r in range(self.R) if self._current(r) is not None]
         self.next_end = min(active, default=self.total_steps)
+
+    def _draw_crops(self, r: int, run: int) -> None:
+        """The crops of the lane's epoch, drawn after its order as the sequential run draws
+        them (one call per batch, in step order, from the run's generator)."""
+        _, h, w = self.pool_x.shape[-3:]
+        draws = [torch.stack(crop_draws(self.batch, h, w, self.crop, self.gens[run],
+                                        self.device))
+                 for _ in range(self.spe[run])]
+        self.crops[r, :, : self.sizes[run]] = torch.cat(draws, 1)
 
     def _start_run(self, r: int, run: int) -> None:
         spec = self.specs[run]
@@ -374,6 +398,8 @@ class LaneTrainer:
             return functional_call(self.template, p, (x,))
 
         xs_all = [getattr(self.datas[q], f"{which}_x") for q in runs]
+        if self.crop:
+            xs_all = [center_crop(x, self.crop) for x in xs_all]
         ys_all = [getattr(self.datas[q], f"{which}_y") for q in runs]
         n = xs_all[0].shape[0]
         wrong = torch.zeros(len(runs), device=self.device)

@@ -9,23 +9,24 @@ from latent_aug.lanes import LaneTrainer, adam_, pack_lanes, train_families, tra
 from latent_aug.protocol import RunSpec, train_run
 
 
-def tiny_split(seed: int, n: int) -> DataSplit:
+def tiny_split(seed: int, n: int, dataset: str = "mnist") -> DataSplit:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 28, 28, generator=g)
+    shape, crop = ((1, 28, 28), None) if dataset == "mnist" else ((3, 32, 32), 24)
+    x = torch.randn(n, *shape, generator=g)
     y = torch.arange(n) % 10
-    xv = torch.randn(30, 1, 28, 28, generator=g)
+    xv = torch.randn(30, *shape, generator=g)
     yv = torch.arange(30) % 10
-    return DataSplit("mnist", x, y, xv, yv, xv.flip(0), yv.flip(0), torch.zeros(1),
-                     torch.arange(n), None)
+    return DataSplit(dataset, x, y, xv, yv, xv.flip(0), yv.flip(0), torch.zeros(1),
+                     torch.arange(n), crop)
 
 
 # (per_class, set, examples): runs of different lengths, so lanes hold runs back to back
 RUNS = [(6, 1, 60), (2, 1, 20), (4, 2, 40), (2, 2, 20), (4, 1, 40)]
 
 
-def family(method: str, epochs: int = 3):
-    specs = [RunSpec("mnist", method, k, s, epochs=epochs, batch_size=20) for k, s, _ in RUNS]
-    datas = [tiny_split(100 * s + k, n) for k, s, n in RUNS]
+def family(method: str, epochs: int = 3, dataset: str = "mnist", runs=RUNS):
+    specs = [RunSpec(dataset, method, k, s, epochs=epochs, batch_size=20) for k, s, _ in runs]
+    datas = [tiny_split(100 * s + k, n, dataset) for k, s, n in runs]
     return specs, datas
 
 
@@ -39,6 +40,19 @@ def test_lanes_match_sequential_runs(method):
         assert b.val_errors == pytest.approx(a.val_errors, abs=1e-6)
         assert b.test_error == pytest.approx(a.test_error, abs=1e-6)
         assert (b.best_epoch, b.best_val_error) == (a.best_epoch, a.best_val_error)
+
+
+@pytest.mark.parametrize("method", ["feed_forward", "proposed_base"])
+def test_lanes_match_sequential_runs_with_random_crops(method):
+    """CIFAR-10 trains on random crops drawn from each run's generator: lanes draw a whole
+    epoch's crops ahead, in the sequential order, so the crops (and results) are the same."""
+    specs, datas = family(method, epochs=2, dataset="cifar10", runs=RUNS[:3])
+    seq = [train_run(s, d) for s, d in zip(specs, datas)]
+    lanes = train_runs_in_lanes(specs, datas, lanes=2)
+    for a, b in zip(seq, lanes):
+        assert b.train_losses == pytest.approx(a.train_losses, rel=1e-4, abs=1e-5)
+        assert b.val_errors == pytest.approx(a.val_errors, abs=1e-6)
+        assert b.test_error == pytest.approx(a.test_error, abs=1e-6)
 
 
 def test_lane_count_does_not_change_results():
