@@ -7,15 +7,17 @@
 # within it; RESUME_DIR: a folder holding an earlier call's files (check.txt and the CSVs),
 # whose finished stages are skipped and whose grid CSV is resumed; SKIP_CHECK=1 skips stage 1
 # (it was checked on an H100 on 2026-11-27; with TOTAL_SECONDS=590 the grid gets ~510 s); DEVICE (default cuda), EPOCHS
-# (default 120) and GRID_FLAGS (default "--preset table1-mnist") exist for dry runs on CPU;
-# PYTHON (default python3).
+# (default 120) and GRID_FLAGS (default "--preset table1-$DATASET") exist for dry runs on CPU;
+# PYTHON (default python3); DATASET (default mnist; cifar10 runs CIFAR-10's Table 1 the same
+# way -- carry only the CIFAR zip then: it and mnist.npz together exceed a lease's 64 MiB).
 #
 # 1. graph check: proposed_base (deterministic) at 10 and 20 per class, set 1, 3 epochs,
-#    three ways -- lanes with a CUDA graph, lanes eager, one run at a time -- side by side.
+#    three ways -- lanes with a CUDA graph, lanes eager, one run at a time -- side by side
+#    (on DATASET).
 #    If the graph capture failed, stage 3 runs eager lanes in 6 worker processes instead.
 # 2. sequential slice: feed_forward and perturb_class_conditional at 10 and 100 per class,
 #    set 1, 120 epochs, one run at a time (the baseline of the speed-up).
-# 3. the whole MNIST Table 1 grid (6 methods x 9 sizes x 3 sets = 162 runs, 120 epochs,
+# 3. the whole Table 1 grid of DATASET (6 methods x 9 sizes x 3 sets = 162 runs, 120 epochs,
 #    per-epoch validation) in lanes: every run of a method in one trainer, the six trainers
 #    round-robin on their own CUDA streams in one process. Resumable: rerun with the CSV in
 #    OUT_DIR to finish an interrupted grid.
@@ -29,16 +31,16 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-120}
 TOTAL_SECONDS=${TOTAL_SECONDS:-560}  # the grid stops in time for the summary within this
-GRID_FLAGS=${GRID_FLAGS:---preset table1-mnist}
+DATASET=${DATASET:-mnist}
+GRID_FLAGS=${GRID_FLAGS:---preset table1-$DATASET}
 RESUME_DIR=${RESUME_DIR:-}  # a folder with earlier CSVs: copied in, finished stages skipped
 START=$(date +%s)
-GRID_FLAGS=${GRID_FLAGS:---preset table1-mnist}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)  # logs and side files; only the 7 files below go to OUT (8 come back)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DATA_FLAG=()
 [ -n "$DATA" ] && DATA_FLAG=(--data-dir "$DATA")
-RUN=("$PY" benchmarks/reproduce.py --dataset mnist --device "$DEVICE" "${DATA_FLAG[@]}")
+RUN=("$PY" benchmarks/reproduce.py --dataset "$DATASET" --device "$DEVICE" "${DATA_FLAG[@]}")
 stamp() { date +%s.%N; }
 
 "$PY" - "$DEVICE" <<'PY' | tee "$WORK/device.txt"
@@ -86,7 +88,7 @@ cp "$WORK/cuda-sequential-slice.csv" "$OUT/" 2>/dev/null
 t1=$(stamp)
 
 # 3. the grid
-GRID=("${RUN[@]}" $GRID_FLAGS --epochs "$EPOCHS" --results-dir "$OUT" --name table1-mnist-cuda)
+GRID=("${RUN[@]}" $GRID_FLAGS --epochs "$EPOCHS" --results-dir "$OUT" --name "table1-$DATASET-cuda")
 GRID_SECONDS=$((TOTAL_SECONDS - ($(date +%s) - START) - 30))
 timeout "$GRID_SECONDS" "${GRID[@]}" --vectorize lanes --workers "$WORKERS" "${LANE_FLAGS[@]}" \
     > "$WORK/grid.log" 2>&1
@@ -97,14 +99,15 @@ t2=$(stamp)
 for f in "$WORK"/*.log; do  # progress bars: last lines only
     echo "== $f"; tr '\r' '\n' < "$f" | grep -v '^ *$' | tail -25
 done > "$OUT/logs.txt"
-"$PY" - "$OUT" "$t0" "$t1" "$t2" "$WORKERS" "$EPOCHS" "$WORK" <<'PY'
+"$PY" - "$OUT" "$t0" "$t1" "$t2" "$WORKERS" "$EPOCHS" "$WORK" "$DATASET" <<'PY'
 import csv, sys
 from pathlib import Path
-out, t0, t1, t2, workers, epochs, work = sys.argv[1], *map(float, sys.argv[2:5]), *sys.argv[5:8]
+out, t0, t1, t2, workers, epochs, work, dataset = sys.argv[1], *map(float, sys.argv[2:5]), *sys.argv[5:9]
 epochs = int(epochs)
 read = lambda name: list(csv.DictReader(open(f"{out}/{name}.csv"))) if Path(f"{out}/{name}.csv").exists() else []
-seq, grid = read("cuda-sequential-slice"), read("table1-mnist-cuda")
-steps = lambda n: epochs * ((5000 if n == "all" else int(n)) * 10 // 100)
+seq, grid = read("cuda-sequential-slice"), read(f"table1-{dataset}-cuda")
+full = {"mnist": 5000, "cifar10": 4000}[dataset]  # training examples per class of 'all'
+steps = lambda n: epochs * ((full if n == "all" else int(n)) * 10 // 100)
 sizes = [10, 20, 50, 100, 200, 500, 1000, 2000, "all"]
 est = 0.0
 try:  # seconds = epochs * a + steps * b per method, fitted on the two sizes of the slice
@@ -118,7 +121,7 @@ except KeyError as err:
     est = float("nan")
     print(f"sequential slice incomplete ({err}); no extrapolation")
 grid_s = t2 - t1
-text = f"""# MNIST Table 1 on CUDA ({open(f"{work}/device.txt").read().strip()})
+text = f"""# {dataset} Table 1 on CUDA ({open(f"{work}/device.txt").read().strip()})
 
 - sequential slice ({len(seq)} of 4 runs, one at a time): {t1 - t0:.1f} s
 - grid in lanes, {workers} process(es): {len(grid)} of 162 runs finished in {grid_s:.1f} s
