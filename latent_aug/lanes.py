@@ -44,11 +44,11 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from .data import DataSplit, center_crop, crop_draws, crop_flip_at
+from .data import DataSplit, crop_draws, crop_flip_at
 from .decoders import TiedConv
 from .errors import ConfigError
 from .protocol import LEARNING_RATE, RunResult, RunSpec, build_model, lr_at
-from .vectorized import _TrainLoss, can_vectorize
+from .vectorized import _TrainLoss, can_vectorize, stacked_errors
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -391,25 +391,10 @@ class LaneTrainer:
 
     def _errors(self, flat: Tensor, runs: list[int], which: str) -> Tensor:
         """``(L,)`` error rates in percent of the rows of ``flat`` on their runs' sets."""
-        self.template.eval()
-        params = {k.removeprefix("net."): v for k, v in self._views(flat).items()}
-
-        def logits(p: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(self.template, p, (x,))
-
-        xs_all = [getattr(self.datas[q], f"{which}_x") for q in runs]
-        if self.crop:
-            xs_all = [center_crop(x, self.crop) for x in xs_all]
-        ys_all = [getattr(self.datas[q], f"{which}_y") for q in runs]
-        n = xs_all[0].shape[0]
-        wrong = torch.zeros(len(runs), device=self.device)
-        with torch.no_grad():
-            for i in range(0, n, self.eval_batch):
-                xs = torch.stack([x[i : i + self.eval_batch] for x in xs_all])
-                ys = torch.stack([y[i : i + self.eval_batch] for y in ys_all])
-                wrong += (vmap(logits)(params, xs).argmax(-1) != ys).sum(1)
-        self.template.train()
-        return wrong * (100.0 / n)
+        return stacked_errors(self.template, self._views(flat),
+                              [getattr(self.datas[q], f"{which}_x") for q in runs],
+                              [getattr(self.datas[q], f"{which}_y") for q in runs],
+                              self.crop, self.eval_batch)
 
     def _finish(self, r: int, run: int) -> None:
         test = float(self._errors(self.best_flat[r : r + 1], [run], "test")[0])

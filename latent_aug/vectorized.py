@@ -66,6 +66,38 @@ def can_vectorize(model: nn.Module) -> bool:
     )
 
 
+def stacked_errors(
+    net: nn.Module,
+    params: dict[str, Tensor],
+    xs: list[Tensor],
+    ys: list[Tensor],
+    crop: int | None = None,
+    batch: int = 1000,
+) -> Tensor:
+    """``(R,)`` error rates in percent of ``R`` stacked parameter sets of ``net`` (names as
+    in ``net``, or with the ``net.`` prefix of the training loss), row ``r`` on its own
+    ``xs[r], ys[r]`` (centre-cropped to ``crop``), ``batch`` images per row and call; no host
+    sync. ``net``'s train/eval mode is restored."""
+    was_training = net.training
+    net.eval()
+    params = {k.removeprefix("net."): v for k, v in params.items()}
+
+    def logits(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(net, p, (x,))
+
+    if crop:
+        xs = [center_crop(x, crop) for x in xs]  # views: only the stacked batch is copied
+    n = xs[0].shape[0]
+    wrong = torch.zeros(len(xs), device=xs[0].device)
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            xb = torch.stack([x[i : i + batch] for x in xs])
+            yb = torch.stack([y[i : i + batch] for y in ys])
+            wrong += (vmap(logits)(params, xb).argmax(-1) != yb).sum(1)
+    net.train(was_training)
+    return wrong * (100.0 / n)
+
+
 def train_runs_vectorized(
     specs: list[RunSpec],
     datas: list[DataSplit],
@@ -104,27 +136,11 @@ def train_runs_vectorized(
         return functional_call(loss_module, p, (x, t))
 
     step_fn = vmap(grad_and_value(one_loss), in_dims=(0, 0, 0), randomness="different")
-    eval_net = models[0]
-
-    def logits_of(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        stripped = {k.removeprefix("net."): v for k, v in p.items()}
-        return functional_call(eval_net, stripped, (x,))
-
     def errors(p: dict[str, Tensor], which: str) -> Tensor:
-        """(R,) error rates in percent (no host sync)."""
-        eval_net.eval()
-        x_all = torch.stack([getattr(d, f"{which}_x") for d in datas])
-        y_all = torch.stack([getattr(d, f"{which}_y") for d in datas])
-        wrong = torch.zeros(len(specs), device=device)
-        with torch.no_grad():
-            for i in range(0, x_all.shape[1], 1000):
-                # each run sees its own copy of the set (minus its own training mean)
-                xs = x_all[:, i : i + 1000]
-                if data0.crop:
-                    xs = center_crop(xs.flatten(0, 1), data0.crop).unflatten(0, xs.shape[:2])
-                out = vmap(logits_of, in_dims=(0, 0))(p, xs)
-                wrong += (out.argmax(-1) != y_all[:, i : i + 1000]).sum(1)
-        return wrong * (100.0 / x_all.shape[1])
+        """(R,) error rates in percent (no host sync); each run sees its own copy of the set
+        (minus its own training mean)."""
+        return stacked_errors(models[0], p, [getattr(d, f"{which}_x") for d in datas],
+                              [getattr(d, f"{which}_y") for d in datas], data0.crop)
 
     gens = [torch.Generator(device=device).manual_seed(s.seed) for s in specs]
     best_err = torch.full((len(specs),), float("inf"), device=device)
