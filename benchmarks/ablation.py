@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.paper_tables import PER_SET, TABLE1
+from latent_aug.config import parse_options
 from latent_aug.files import atomic_write_text
 from latent_aug.grid import ResultStore, run_grid
 from latent_aug.protocol import RunSpec
@@ -72,21 +73,12 @@ def factorial_specs(per_class: list[int], splits: list[int], epochs: int, method
     return specs, tags
 
 
-def parse_combo(text: str) -> dict:
-    out = {}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        lowered = {"true": True, "false": False, "none": None}.get(value.lower(), value)
-        out[key.strip()] = lowered
-    return out
-
-
 def combo_specs(combos: list[str], per_class, splits, epochs, methods):
     specs, tags = [], {}
     for n in per_class:
         for s in splits:
             for text in combos:
-                opts = parse_combo(text)
+                opts = parse_options([text])
                 for m in methods:
                     if m == "feed_forward":
                         continue

@@ -4,6 +4,8 @@
     python benchmarks/reproduce.py --preset quick                    # Table 1 methods, set 1
     python benchmarks/reproduce.py --dataset mnist --methods feed_forward proposed_base \\
         --per-class 50 100 --splits 1 2 3 --device cuda
+    python benchmarks/reproduce.py --dataset cifar10 --methods recon_all --per-class 100 \\
+        --splits 1 --option l2_reduction=mean --name table1-cifar-cpu   # a config override
 
 Every finished run is appended at once to ``benchmarks/results/<name>.csv``; rerunning the
 same command resumes where it stopped. The report (markdown + PNG) is rewritten at the end,
@@ -25,6 +27,8 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.paper_tables import PER_SET, SIZES, TABLE1
+from latent_aug.config import parse_options
+from latent_aug.errors import ConfigError
 from latent_aug.files import atomic_write_text
 from latent_aug.grid import ResultStore, run_grid
 from latent_aug.protocol import METHODS, TABLE1_METHODS, RunSpec
@@ -87,6 +91,10 @@ def parser() -> argparse.ArgumentParser:
                         "each grid cell together (both with vmap)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="with --vectorize lanes on CUDA: eager steps instead of a CUDA graph")
+    p.add_argument("--option", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides (latent_aug.SemanticNoiseConfig fields, e.g. "
+                        "l2_reduction=mean) for the wrapped methods; feed_forward, ladder and "
+                        "the peers stay as they are. Rows carry them in the 'options' column.")
     p.add_argument("--name", help="results file stem (default: the preset or 'custom')")
     p.add_argument("--results-dir", default=str(RESULTS),
                    help="where <name>.csv/.md/.png go (default: benchmarks/results)")
@@ -109,8 +117,13 @@ def grid_from_args(args: argparse.Namespace) -> tuple[str, list[RunSpec]]:
     grids = [base] + [{**base, **extra} for extra in base.get("also", [])]
     if args.dataset is not None:  # an explicit --dataset keeps that dataset's sub-grid only
         grids = [g for g in grids if g["dataset"] == args.dataset][:1] or [base]
+    try:
+        options = tuple(sorted(parse_options(args.option).items()))
+    except ConfigError as err:
+        raise SystemExit(f"error: --option: {err}") from None
     specs = [
-        RunSpec(g["dataset"], m, n, s, epochs=args.epochs)
+        RunSpec(g["dataset"], m, n, s, epochs=args.epochs,
+                options=options if isinstance(METHODS[m], dict) else ())
         for g in grids for s in g["splits"] for n in g["per_class"] for m in g["methods"]
     ]
     return args.name or args.preset or "custom", specs

@@ -132,6 +132,39 @@ def check_fields(kwargs: dict[str, Any]) -> None:
         )
 
 
+#: Run options of the benchmarks that are not config fields (see ``protocol.RunSpec``).
+RUN_OPTIONS = ("init", "backbone")
+
+
+def parse_options(texts: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["l2_reduction=mean", "detach_noise=true,noise_std=0.1"]`` -> validated options.
+
+    Values ``true``/``false``/``none`` (any case) become ``True``/``False``/``None``, numbers
+    become numbers; keys are config fields (or the benchmarks' run options ``init`` and
+    ``backbone``) and the values are checked as :class:`SemanticNoiseConfig` checks them."""
+    out: dict[str, Any] = {}
+    for part in (p for text in texts for p in text.split(",") if p.strip()):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or not key:
+            raise ConfigError(f"Option {part!r} is not KEY=VALUE, e.g. 'l2_reduction=mean'.")
+        out[key] = _option_value(value)
+    check_fields({k: v for k, v in out.items() if k not in RUN_OPTIONS})
+    SemanticNoiseConfig(**{k: v for k, v in out.items() if k not in RUN_OPTIONS})
+    return out
+
+
+def _option_value(text: str) -> Any:
+    named = {"true": True, "false": False, "none": None}
+    if text.lower() in named:
+        return named[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}.")

@@ -7,8 +7,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pytest  # noqa: E402
+
 from benchmarks.paper_tables import PER_SET  # noqa: E402
-from benchmarks.reproduce import criterion, summarize  # noqa: E402
+from benchmarks.reproduce import criterion, grid_from_args, parser, summarize  # noqa: E402
+from latent_aug.config import parse_options  # noqa: E402
+from latent_aug.errors import ConfigError  # noqa: E402
 
 
 def rows(errors: dict[tuple[str, int], float]) -> list[dict[str, str]]:
@@ -33,3 +37,30 @@ def test_criterion_names_losses_and_cells_outside_the_tolerance():
 
 def test_criterion_is_empty_without_mnist_cells_at_50_or_more():
     assert criterion(summarize(rows({("feed_forward", 10): 20.0}))) == []
+
+
+def test_option_flag_overrides_the_wrapped_methods_only():
+    args = parser().parse_args(["--dataset", "cifar10", "--methods", "feed_forward", "recon_all",
+                                "ladder", "--per-class", "100", "--splits", "1",
+                                "--option", "l2_reduction=mean", "detach_noise=true"])
+    with pytest.raises(SystemExit, match="ladder"):  # ladder is MNIST-only: caught first
+        grid_from_args(args)
+    args.methods = ["feed_forward", "recon_all"]
+    _, specs = grid_from_args(args)
+    opts = {s.method: dict(s.options) for s in specs}
+    assert opts == {"feed_forward": {},
+                    "recon_all": {"l2_reduction": "mean", "detach_noise": True}}
+    args.option = ["l2_reduction=avg"]
+    with pytest.raises(SystemExit, match="--option: l2_reduction must be one of"):
+        grid_from_args(args)
+
+
+def test_parse_options_values_and_errors():
+    assert parse_options(["noise_std=0.1,perturb=none", "init=torch", "lambda1=1"]) == {
+        "noise_std": 0.1, "perturb": None, "init": "torch", "lambda1": 1}
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_options(["l2_reduction"])
+    with pytest.raises(ConfigError, match="Did you mean: 'noise_std'"):
+        parse_options(["noise_sd=0.1"])
+    with pytest.raises(ConfigError, match="noise_std must be finite"):
+        parse_options(["noise_std=-1"])
