@@ -119,9 +119,14 @@ class Measurement:
         return self.wrapped_gflops / self.plain_gflops
 
 
-def make_step(model: nn.Module, x: Tensor, t: Tensor, wrapped: bool) -> Callable[[], None]:
-    """One training step of ``model`` on ``(x, t)``: forward, backward, Adam."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+ADAM_KINDS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def make_step(model: nn.Module, x: Tensor, t: Tensor, wrapped: bool,
+              adam: str = "default") -> Callable[[], None]:
+    """One training step of ``model`` on ``(x, t)``: forward, backward, Adam (``adam``: the
+    implementation, one of :data:`ADAM_KINDS`; the same for plain and wrapped)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, **ADAM_KINDS[adam])
     aux = model.aux_loss if wrapped else None
 
     def step() -> None:
@@ -161,7 +166,7 @@ def count_flops(model: nn.Module, step: Callable[[], None]) -> int:
 
 
 def measure(name: str, case: Case, device: torch.device, batch: int, repeats: int,
-            warmup: int) -> Measurement:
+            warmup: int, adam: str = "default") -> Measurement:
     torch.manual_seed(0)
     plain = case.model().to(device).train()
     torch.manual_seed(0)
@@ -172,7 +177,8 @@ def measure(name: str, case: Case, device: torch.device, batch: int, repeats: in
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *case.input_shape, generator=g).to(device)
     t = torch.randint(0, 10, (batch,), generator=g).to(device)
-    steps = {"plain": make_step(plain, x, t, False), "wrapped": make_step(wrapped, x, t, True)}
+    steps = {"plain": make_step(plain, x, t, False, adam),
+             "wrapped": make_step(wrapped, x, t, True, adam)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     for _ in range(warmup):
@@ -233,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the whole measurement (fresh models); the table shows the "
                         "median round and the range over rounds (the machine's state drifts)")
+    p.add_argument("--adam", choices=list(ADAM_KINDS), default="default",
+                   help="torch.optim.Adam implementation for both models (default: torch's "
+                        "choice, the per-tensor loop on CPU)")
     p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                    metavar="CASE", help=f"any of: {', '.join(CASES)}")
@@ -256,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.cases:
         rounds = sorted(
-            (measure(name, CASES[name], device, args.batch, args.repeats, args.warmup)
+            (measure(name, CASES[name], device, args.batch, args.repeats, args.warmup,
+                     args.adam)
              for _ in range(args.rounds)),
             key=lambda r: r.ratio,
         )
@@ -271,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `python benchmarks/overhead.py {' '.join(given)}`",
         f"Device: {device_name(str(device))}; torch {torch.__version__}; "
-        f"threads {torch.get_num_threads()}; batch {args.batch}; median of {args.repeats} "
-        f"interleaved steps after {args.warmup} warm-up steps, median of {args.rounds} "
-        f"round(s); "
+        f"threads {torch.get_num_threads()}; batch {args.batch}; Adam {args.adam}; "
+        f"median of {args.repeats} interleaved steps after {args.warmup} warm-up steps, "
+        f"median of {args.rounds} round(s); "
         f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
         "Step = forward + backward + Adam. FLOPs: `torch.utils.flop_counter.FlopCounterMode` "
