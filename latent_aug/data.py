@@ -145,6 +145,12 @@ def resolve_data_dir(data_dir: StrPath | None = None) -> Path:
     Returns:
         The directory with ``~`` expanded. It need not exist.
     """
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise ConfigError(
+            f"data_dir must be a path (str or os.PathLike), got {type(data_dir).__name__} "
+            f"{data_dir!r}; pass the run's arguments by name, e.g. "
+            f"make_splits('mnist', per_class=100, split=1)."
+        )
     if data_dir is not None and os.fspath(data_dir) != "":
         return Path(data_dir).expanduser()
     env = os.environ.get(DATA_DIR_ENV, "")

@@ -120,6 +120,12 @@ def test_resolve_data_dir_precedence(home: Path, monkeypatch: pytest.MonkeyPatch
     assert D.resolve_data_dir("~/x") == home / "x"
 
 
+def test_data_dir_of_the_wrong_type_says_so() -> None:
+    # make_splits("mnist", 100, 1): the positional 100 lands in data_dir
+    with pytest.raises(ConfigError, match="data_dir must be a path.*by name"):
+        D.make_splits("mnist", 100, 1)
+
+
 def test_missing_mnist_error_says_where_and_how(home: Path, tmp_path: Path) -> None:
     where = tmp_path / "nowhere"
     with pytest.raises(DatasetNotFoundError) as info:
