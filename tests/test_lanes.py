@@ -30,9 +30,17 @@ def family(method: str, epochs: int = 3, dataset: str = "mnist", runs=RUNS):
     return specs, datas
 
 
-@pytest.mark.parametrize("method", ["feed_forward", "proposed_base", "recon_all"])
-def test_lanes_match_sequential_runs(method):
-    specs, datas = family(method)
+@pytest.mark.parametrize("method, dataset", [
+    ("feed_forward", "mnist"), ("proposed_base", "mnist"), ("recon_all", "mnist"),
+    # CIFAR-10 trains on random crops drawn from each run's generator: lanes draw a whole
+    # epoch's crops ahead, in the sequential order, so the crops (and results) are the same
+    ("feed_forward", "cifar10"), ("proposed_base", "cifar10"),
+])
+def test_lanes_match_sequential_runs(method, dataset):
+    if dataset == "mnist":
+        specs, datas = family(method)
+    else:  # a shorter family: the CIFAR net is 5x the MNIST net's work
+        specs, datas = family(method, epochs=2, dataset=dataset, runs=RUNS[:3])
     seq = [train_run(s, d) for s, d in zip(specs, datas)]
     lanes = train_runs_in_lanes(specs, datas, lanes=2)
     for a, b in zip(seq, lanes):
@@ -40,19 +48,6 @@ def test_lanes_match_sequential_runs(method):
         assert b.val_errors == pytest.approx(a.val_errors, abs=1e-6)
         assert b.test_error == pytest.approx(a.test_error, abs=1e-6)
         assert (b.best_epoch, b.best_val_error) == (a.best_epoch, a.best_val_error)
-
-
-@pytest.mark.parametrize("method", ["feed_forward", "proposed_base"])
-def test_lanes_match_sequential_runs_with_random_crops(method):
-    """CIFAR-10 trains on random crops drawn from each run's generator: lanes draw a whole
-    epoch's crops ahead, in the sequential order, so the crops (and results) are the same."""
-    specs, datas = family(method, epochs=2, dataset="cifar10", runs=RUNS[:3])
-    seq = [train_run(s, d) for s, d in zip(specs, datas)]
-    lanes = train_runs_in_lanes(specs, datas, lanes=2)
-    for a, b in zip(seq, lanes):
-        assert b.train_losses == pytest.approx(a.train_losses, rel=1e-4, abs=1e-5)
-        assert b.val_errors == pytest.approx(a.val_errors, abs=1e-6)
-        assert b.test_error == pytest.approx(a.test_error, abs=1e-6)
 
 
 def test_lane_count_does_not_change_results():
