@@ -82,6 +82,7 @@ __all__ = [
     "channel_mean",
     "crop_draws",
     "crop_flip_at",
+    "eval_sets",
     "load_cifar10",
     "load_dataset",
     "load_mnist",
@@ -760,13 +761,15 @@ class DataSplit:
     Images are float32 ``(N, C, H, W)``, scaled to [0, 1] and minus ``mean`` (the per-channel
     mean of the training subset); labels are int64 ``(N,)``. Images keep their full size:
     when ``crop`` is set, train with ``random_crop_flip(x, crop)`` and evaluate on
-    ``center_crop(x, crop)``.
+    ``center_crop(x, crop)``. ``split_from(..., with_eval=False)`` leaves the validation and
+    test fields None: the lanes path keeps one shared copy of those sets (:func:`eval_sets`)
+    and subtracts each run's ``mean`` as it evaluates.
     """
 
     dataset: str
     train_x: Tensor
     train_y: Tensor
-    valid_x: Tensor
+    valid_x: Tensor  # None with split_from(..., with_eval=False), as the three below
     valid_y: Tensor
     test_x: Tensor
     test_y: Tensor
@@ -817,23 +820,40 @@ def split_from(
     per_class: int | str,
     split: int,
     device: torch.device | str = "cpu",
+    *,
+    with_eval: bool = True,
 ) -> DataSplit:
-    """:func:`make_splits` on an already loaded dataset (one load for a whole grid)."""
+    """:func:`make_splits` on an already loaded dataset (one load for a whole grid);
+    ``with_eval=False`` skips the run's own validation and test copies (fields None)."""
     _check_dataset(dataset)
     x_tr, y_tr = data["train"]
     idx = per_class_subset(y_tr, per_class, split)
     x_sub = x_tr[idx]
     mean = channel_mean(x_sub)
     dev = torch.device(device)
+    evals = ({name: (prepare(data[name][0], dev, mean), data[name][1].to(dev))
+              for name in ("valid", "test")}
+             if with_eval else {"valid": (None, None), "test": (None, None)})
     return DataSplit(
         dataset=dataset,
         train_x=prepare(x_sub, dev, mean),
         train_y=y_tr[idx].to(dev),
-        valid_x=prepare(data["valid"][0], dev, mean),
-        valid_y=data["valid"][1].to(dev),
-        test_x=prepare(data["test"][0], dev, mean),
-        test_y=data["test"][1].to(dev),
+        valid_x=evals["valid"][0],
+        valid_y=evals["valid"][1],
+        test_x=evals["test"][0],
+        test_y=evals["test"][1],
         mean=mean.to(dev),
         train_indices=idx,
         crop=_CROP[dataset],
     )
+
+
+def eval_sets(
+    data: Splits, device: torch.device | str = "cpu"
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{"valid": (x, y), "test": (x, y)}`` scaled to [0, 1] with no mean subtracted: one copy
+    for many runs, each of which subtracts its own training mean as it evaluates (``x - mean``
+    then equals, bit for bit, the run's own set made by :func:`prepare`)."""
+    dev = torch.device(device)
+    return {name: (prepare(data[name][0], dev), data[name][1].to(dev))
+            for name in ("valid", "test")}

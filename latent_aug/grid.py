@@ -196,13 +196,14 @@ def execute_lanes(
     """Train ``specs`` in lanes (see :mod:`latent_aug.lanes`): one trainer per method family,
     all driven round-robin. Each finished run's row is also sent through ``events`` at once
     (``("row", run id, row)``), so the grid writes it before the bundle ends."""
-    from .data import load_dataset, split_from
+    from .data import eval_sets, load_dataset, split_from
     from .lanes import LaneTrainer, family_key, train_families
 
     ids = run_ids or list(range(len(specs)))
     tags = tags or [""] * len(specs)
     loaded = {name: load_dataset(name, data_dir, download=download)
               for name in dict.fromkeys(s.dataset for s in specs)}
+    shared = {name: eval_sets(data, device) for name, data in loaded.items()}  # one copy
     families: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
         families.setdefault(family_key(spec), []).append(i)
@@ -210,7 +211,7 @@ def execute_lanes(
     trainers = []
     for members in families.values():
         datas = [split_from(loaded[specs[i].dataset], specs[i].dataset, specs[i].per_class,
-                            specs[i].split, device) for i in members]
+                            specs[i].split, device, with_eval=False) for i in members]
 
         def on_result(run: int, result: Any, members: list[int] = members) -> None:
             i = members[run]
@@ -224,7 +225,8 @@ def execute_lanes(
                 events.put((ids[members[run]], epoch, val))
 
         trainers.append(LaneTrainer([specs[i] for i in members], datas, cuda_graph=cuda_graph,
-                                    on_epoch=on_epoch, on_result=on_result))
+                                    on_epoch=on_epoch, on_result=on_result,
+                                    eval_sets=shared[specs[members[0]].dataset]))
     train_families(trainers)
     return rows
 

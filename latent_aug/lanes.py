@@ -119,6 +119,11 @@ class LaneTrainer:
         cuda_graph: Capture the step in a CUDA graph (default: on CUDA).
         eval_batch: Images per lane per evaluation call (default 1000 on CPU; on CUDA 10000
             for MNIST-sized inputs, fewer for larger ones: ``8e6 / (C·H·W)``, at least 500).
+        eval_sets: One shared copy of the validation and test sets, ``{"valid": (x, y),
+            "test": (x, y)}`` scaled but not centred (:func:`latent_aug.data.eval_sets`):
+            each run subtracts its own ``data.mean`` as it evaluates, and the ``datas`` may
+            come without their own copies (``split_from(..., with_eval=False)``). A grid of
+            162 CIFAR-10 runs otherwise holds 40 GB of per-run copies.
         on_epoch: ``(run index, epoch, validation error)``, called in batches about once a
             second (reading the errors synchronizes with the device).
         on_result: ``(run index, RunResult)``, as soon as a run finishes.
@@ -134,6 +139,7 @@ class LaneTrainer:
         eval_batch: int | None = None,
         on_epoch: Callable[[int, int, float], None] | None = None,
         on_result: Callable[[int, RunResult], None] | None = None,
+        eval_sets: dict[str, tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         if not specs or len(specs) != len(datas):
             raise ConfigError("LaneTrainer needs one DataSplit per RunSpec (and at least one).")
@@ -144,7 +150,17 @@ class LaneTrainer:
             why = can_pack(spec, data)
             if why:
                 raise ConfigError(f"Run {spec} cannot be trained in lanes: {why}.")
-        self.specs, self.datas = list(specs), list(datas)
+        self.specs = list(specs)
+        # what evaluation needs, per run (the trainer keeps no DataSplit: their training
+        # tensors would double the pool's memory)
+        if eval_sets is None:
+            self.eval_x = {k: [getattr(d, f"{k}_x") for d in datas] for k in ("valid", "test")}
+            self.eval_y = {k: [getattr(d, f"{k}_y") for d in datas] for k in ("valid", "test")}
+            self.means = None
+        else:
+            self.eval_x = {k: [eval_sets[k][0]] * len(datas) for k in ("valid", "test")}
+            self.eval_y = {k: [eval_sets[k][1]] * len(datas) for k in ("valid", "test")}
+            self.means = [d.mean for d in datas]
         spec0 = specs[0]
         self.device = device = datas[0].train_x.device
         on_cuda = device.type == "cuda"
@@ -392,9 +408,9 @@ class LaneTrainer:
     def _errors(self, flat: Tensor, runs: list[int], which: str) -> Tensor:
         """``(L,)`` error rates in percent of the rows of ``flat`` on their runs' sets."""
         return stacked_errors(self.template, self._views(flat),
-                              [getattr(self.datas[q], f"{which}_x") for q in runs],
-                              [getattr(self.datas[q], f"{which}_y") for q in runs],
-                              self.crop, self.eval_batch)
+                              [self.eval_x[which][q] for q in runs],
+                              [self.eval_y[which][q] for q in runs], self.crop, self.eval_batch,
+                              None if self.means is None else [self.means[q] for q in runs])
 
     def _finish(self, r: int, run: int) -> None:
         test = float(self._errors(self.best_flat[r : r + 1], [run], "test")[0])

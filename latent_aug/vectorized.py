@@ -73,11 +73,14 @@ def stacked_errors(
     ys: list[Tensor],
     crop: int | None = None,
     batch: int = 1000,
+    means: list[Tensor] | None = None,
 ) -> Tensor:
     """``(R,)`` error rates in percent of ``R`` stacked parameter sets of ``net`` (names as
     in ``net``, or with the ``net.`` prefix of the training loss), row ``r`` on its own
-    ``xs[r], ys[r]`` (centre-cropped to ``crop``), ``batch`` images per row and call; no host
-    sync. ``net``'s train/eval mode is restored."""
+    ``xs[r], ys[r]`` (centre-cropped to ``crop``; with ``means``, ``xs[r] - means[r]``, the
+    per-channel ``(C,)`` mean subtracted chunk by chunk, so that the ``xs`` can be one shared
+    tensor), ``batch`` images per row and call; no host sync. ``net``'s train/eval mode is
+    restored."""
     was_training = net.training
     net.eval()
     params = {k.removeprefix("net."): v for k, v in params.items()}
@@ -91,7 +94,11 @@ def stacked_errors(
     wrong = torch.zeros(len(xs), device=xs[0].device)
     with torch.no_grad():
         for i in range(0, n, batch):
-            xb = torch.stack([x[i : i + batch] for x in xs])
+            if means is None:
+                xb = torch.stack([x[i : i + batch] for x in xs])
+            else:
+                xb = torch.stack([x[i : i + batch] - m.view(1, -1, 1, 1)
+                                  for x, m in zip(xs, means)])
             yb = torch.stack([y[i : i + batch] for y in ys])
             wrong += (vmap(logits)(params, xb).argmax(-1) != yb).sum(1)
     net.train(was_training)

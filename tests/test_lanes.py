@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from latent_aug.data import DataSplit
+from latent_aug.data import DataSplit, eval_sets, split_from
 from latent_aug.errors import ConfigError
 from latent_aug.lanes import LaneTrainer, adam_, pack_lanes, train_families, train_runs_in_lanes
 from latent_aug.protocol import RunSpec, train_run
@@ -48,6 +48,26 @@ def test_lanes_match_sequential_runs(method, dataset):
         assert b.val_errors == pytest.approx(a.val_errors, abs=1e-6)
         assert b.test_error == pytest.approx(a.test_error, abs=1e-6)
         assert (b.best_epoch, b.best_val_error) == (a.best_epoch, a.best_val_error)
+
+
+def test_shared_eval_sets_give_the_runs_own_errors():
+    """A grid's lanes keep one copy of the validation/test sets and subtract each run's mean
+    as they evaluate: the same errors, bit for bit, as each run's own centred copies."""
+    g = torch.Generator().manual_seed(0)
+
+    def part(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+                torch.arange(n) % 10)
+
+    raw = {"train": part(60), "valid": part(30), "test": part(30)}
+    specs = [RunSpec("cifar10", "feed_forward", 2, s, epochs=2, batch_size=20) for s in (1, 2)]
+    own = [split_from(raw, "cifar10", 2, s) for s in (1, 2)]
+    lean = [split_from(raw, "cifar10", 2, s, with_eval=False) for s in (1, 2)]
+    assert lean[0].valid_x is None and not torch.equal(own[0].mean, own[1].mean)
+    a = train_runs_in_lanes(specs, own, lanes=2)
+    b = train_runs_in_lanes(specs, lean, lanes=2, eval_sets=eval_sets(raw))
+    assert [r.val_errors for r in a] == [r.val_errors for r in b]
+    assert [r.test_error for r in a] == [r.test_error for r in b]
 
 
 def test_lane_count_does_not_change_results():
