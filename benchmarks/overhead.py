@@ -123,16 +123,24 @@ ADAM_KINDS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": Tr
 
 
 def make_step(model: nn.Module, x: Tensor, t: Tensor, wrapped: bool,
-              adam: str = "default") -> Callable[[], None]:
+              adam: str = "default", compile: bool = False) -> Callable[[], None]:
     """One training step of ``model`` on ``(x, t)``: forward, backward, Adam (``adam``: the
-    implementation, one of :data:`ADAM_KINDS`; the same for plain and wrapped)."""
+    implementation, one of :data:`ADAM_KINDS`; the same for plain and wrapped). With
+    ``compile`` the loss (forward and, through AOTAutograd, backward) goes through
+    ``torch.compile`` as the pure function ``CE(logits, t) + aux terms``; Adam stays eager."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, **ADAM_KINDS[adam])
     aux = model.aux_loss if wrapped else None
+    if compile:
+        from latent_aug.vectorized import _TrainLoss
+
+        loss_of = torch.compile(_TrainLoss(model))
+    else:
+        def loss_of(x: Tensor, t: Tensor) -> Tensor:
+            loss = F.cross_entropy(model(x), t)
+            return loss + aux(t) if aux is not None else loss
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), t)
-        if aux is not None:
-            loss = loss + aux(t)
+        loss = loss_of(x, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -166,7 +174,7 @@ def count_flops(model: nn.Module, step: Callable[[], None]) -> int:
 
 
 def measure(name: str, case: Case, device: torch.device, batch: int, repeats: int,
-            warmup: int, adam: str = "default") -> Measurement:
+            warmup: int, adam: str = "default", compile: bool = False) -> Measurement:
     torch.manual_seed(0)
     plain = case.model().to(device).train()
     torch.manual_seed(0)
@@ -177,15 +185,16 @@ def measure(name: str, case: Case, device: torch.device, batch: int, repeats: in
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *case.input_shape, generator=g).to(device)
     t = torch.randint(0, 10, (batch,), generator=g).to(device)
-    steps = {"plain": make_step(plain, x, t, False, adam),
-             "wrapped": make_step(wrapped, x, t, True, adam)}
+    steps = {"plain": make_step(plain, x, t, False, adam, compile),
+             "wrapped": make_step(wrapped, x, t, True, adam, compile)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     for _ in range(warmup):
         for step in steps.values():
             step()
-    flops = {"plain": count_flops(plain, steps["plain"]),
-             "wrapped": count_flops(wrapped, steps["wrapped"])}
+    # FLOPs of the eager step (the counter does not see inside compiled code)
+    flops = {"plain": count_flops(plain, make_step(plain, x, t, False, adam)),
+             "wrapped": count_flops(wrapped, make_step(wrapped, x, t, True, adam))}
     times: dict[str, list[float]] = {"plain": [], "wrapped": []}
     for r in range(repeats):
         order = ("plain", "wrapped") if r % 2 == 0 else ("wrapped", "plain")
@@ -242,6 +251,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adam", choices=list(ADAM_KINDS), default="default",
                    help="torch.optim.Adam implementation for both models (default: torch's "
                         "choice, the per-tensor loop on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the loss (forward + backward) of both models; the "
+                        "warm-up steps include compilation")
     p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                    metavar="CASE", help=f"any of: {', '.join(CASES)}")
@@ -266,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases:
         rounds = sorted(
             (measure(name, CASES[name], device, args.batch, args.repeats, args.warmup,
-                     args.adam)
+                     args.adam, args.compile)
              for _ in range(args.rounds)),
             key=lambda r: r.ratio,
         )
@@ -282,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python benchmarks/overhead.py {' '.join(given)}`",
         f"Device: {device_name(str(device))}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; batch {args.batch}; Adam {args.adam}; "
+        f"{'compiled loss; ' if args.compile else ''}"
         f"median of {args.repeats} interleaved steps after {args.warmup} warm-up steps, "
         f"median of {args.rounds} round(s); "
         f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
