@@ -64,3 +64,23 @@ def test_parse_options_values_and_errors():
         parse_options(["noise_sd=0.1"])
     with pytest.raises(ConfigError, match="noise_std must be finite"):
         parse_options(["noise_std=-1"])
+
+
+def test_loss_trace_writes_one_table_per_call(tmp_path: Path, capsys):
+    from benchmarks import loss_trace
+    from tests.test_grid import _write_tiny_mnist
+
+    _write_tiny_mnist(tmp_path)
+    out = tmp_path / "trace.md"
+    base = ["--dataset", "mnist", "--method", "proposed_base", "--per-class", "2", "--steps", "4",
+            "--every", "2", "--data-dir", str(tmp_path), "--write", str(out)]
+    loss_trace.main(base)
+    loss_trace.main([*base, "--option", "l2_reduction=mean"])
+    text = out.read_text()
+    assert text.count("## mnist proposed_base 2/class set 1") == 2
+    assert "[l2_reduction=mean]" in text
+    steps = [line.split("|")[1].strip() for line in text.splitlines()
+             if line.startswith("| ") and line[2].isdigit()]
+    assert steps == ["0", "2", "3"] * 2  # every 2nd step and the last
+    with pytest.raises(SystemExit, match="--steps"):
+        loss_trace.main([*base, "--steps", "0"])
