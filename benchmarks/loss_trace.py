@@ -26,9 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from latent_aug.config import parse_options
-from latent_aug.data import make_splits, random_crop_flip
+from latent_aug.data import make_splits
 from latent_aug.errors import ConfigError
-from latent_aug.protocol import LEARNING_RATE, METHODS, RunSpec, build_model, error_rate
+from latent_aug.protocol import (
+    LEARNING_RATE,
+    METHODS,
+    RunSpec,
+    build_model,
+    epoch_batches,
+    error_rate,
+)
 
 
 def trace(spec: RunSpec, steps: int, every: int, data_dir: str | None) -> tuple[list[dict], float]:
@@ -41,15 +48,10 @@ def trace(spec: RunSpec, steps: int, every: int, data_dir: str | None) -> tuple[
                           f"wrapped method: {[m for m, o in METHODS.items() if o]}.")
     gen = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE[spec.dataset])
-    n, rows, step = data.train_x.shape[0], [], 0
+    rows, step = [], 0
     model.train()
     while step < steps:
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, spec.batch_size):
-            idx = order[i : i + spec.batch_size]
-            xb, yb = data.train_x[idx], data.train_y[idx]
-            if data.crop:
-                xb = random_crop_flip(xb, data.crop, generator=gen)
+        for xb, yb in epoch_batches(data, spec.batch_size, gen):
             logits = model(xb)
             ce = F.cross_entropy(logits, yb)
             terms = model.losses(yb)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +168,21 @@ def error_rate(model: nn.Module, x: Tensor, y: Tensor, crop: int | None, batch: 
     return wrong.float() * (100.0 / x.shape[0])
 
 
+def epoch_batches(
+    data: DataSplit, batch_size: int, gen: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of training batches ``(x, t)``: an order drawn from ``gen``, then each batch's
+    random crop (when the dataset has one) from the same generator, in this sequence."""
+    n = data.train_x.shape[0]
+    order = torch.randperm(n, generator=gen, device=data.train_x.device)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        xb = data.train_x[idx]
+        if data.crop:
+            xb = random_crop_flip(xb, data.crop, generator=gen)
+        yield xb, data.train_y[idx]
+
+
 def train_run(
     spec: RunSpec,
     data: DataSplit,
@@ -204,13 +219,8 @@ def fit(
         if epoch_hook is not None:
             epoch_hook(epoch, spec.epochs)
         model.train()
-        order = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
-        for i in range(0, n, spec.batch_size):
-            idx = order[i : i + spec.batch_size]
-            xb, yb = data.train_x[idx], data.train_y[idx]
-            if data.crop:
-                xb = random_crop_flip(xb, data.crop, generator=gen)
+        for xb, yb in epoch_batches(data, spec.batch_size, gen):
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             if aux is not None:
@@ -218,7 +228,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.detach() * idx.numel()
+            total += loss.detach() * yb.numel()
         val = float(error_rate(model, data.valid_x, data.valid_y, data.crop))
         val_errors.append(val)
         losses.append(float(total) / n)
