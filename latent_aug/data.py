@@ -831,17 +831,19 @@ def split_from(
     x_sub = x_tr[idx]
     mean = channel_mean(x_sub)
     dev = torch.device(device)
-    evals = ({name: (prepare(data[name][0], dev, mean), data[name][1].to(dev))
-              for name in ("valid", "test")}
-             if with_eval else {"valid": (None, None), "test": (None, None)})
+    def own(name: str) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        return (prepare(data[name][0], dev, mean), data[name][1].to(dev)) if with_eval \
+            else (None, None)
+
+    (valid_x, valid_y), (test_x, test_y) = own("valid"), own("test")
     return DataSplit(
         dataset=dataset,
         train_x=prepare(x_sub, dev, mean),
         train_y=y_tr[idx].to(dev),
-        valid_x=evals["valid"][0],
-        valid_y=evals["valid"][1],
-        test_x=evals["test"][0],
-        test_y=evals["test"][1],
+        valid_x=valid_x,
+        valid_y=valid_y,
+        test_x=test_x,
+        test_y=test_y,
         mean=mean.to(dev),
         train_indices=idx,
         crop=_CROP[dataset],

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .data import DataSplit, center_crop, random_crop_flip
+from .data import DataSplit, center_crop
 from .decoders import TiedConv
 from .errors import ConfigError
-from .protocol import LEARNING_RATE, RunResult, RunSpec, build_model, lr_at
+from .protocol import LEARNING_RATE, RunResult, RunSpec, build_model, epoch_batches, lr_at
 
 
 class _TrainLoss(nn.Module):
@@ -158,17 +158,10 @@ def train_runs_vectorized(
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, LEARNING_RATE[spec0.dataset], spec0.epochs)
         models[0].train()
-        orders = [torch.randperm(n, generator=g, device=device) for g in gens]
         total = torch.zeros(len(specs), device=device)
-        for i in range(0, n, spec0.batch_size):
-            xs, ts = [], []
-            for d, order, g in zip(datas, orders, gens):
-                idx = order[i : i + spec0.batch_size]
-                xb = d.train_x[idx]
-                if d.crop:
-                    xb = random_crop_flip(xb, d.crop, generator=g)
-                xs.append(xb)
-                ts.append(d.train_y[idx])
+        # each run's batches from its own generator, exactly as in protocol.fit
+        for batch in zip(*(epoch_batches(d, spec0.batch_size, g) for d, g in zip(datas, gens))):
+            xs, ts = zip(*batch)
             grads, loss = step_fn(params, torch.stack(xs), torch.stack(ts))
             for name, p in params.items():
                 p.grad = grads[name]

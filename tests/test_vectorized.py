@@ -8,20 +8,24 @@ from latent_aug.protocol import RunSpec, train_run
 from latent_aug.vectorized import train_runs_vectorized
 
 
-def tiny_split(seed: int, n: int = 40) -> DataSplit:
+def tiny_split(seed: int, n: int = 40, dataset: str = "mnist") -> DataSplit:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 28, 28, generator=g)
+    shape, crop = ((1, 28, 28), None) if dataset == "mnist" else ((3, 32, 32), 24)
+    x = torch.randn(n, *shape, generator=g)
     y = torch.arange(n) % 10
-    xv = torch.randn(30, 1, 28, 28, generator=g)
+    xv = torch.randn(30, *shape, generator=g)
     yv = torch.arange(30) % 10
-    return DataSplit("mnist", x, y, xv, yv, xv.clone(), yv.clone(), torch.zeros(1),
-                     torch.arange(n), None)
+    return DataSplit(dataset, x, y, xv, yv, xv.clone(), yv.clone(), torch.zeros(1),
+                     torch.arange(n), crop)
 
 
-@pytest.mark.parametrize("method", ["feed_forward", "proposed_base"])
-def test_vectorized_matches_sequential(method):
-    specs = [RunSpec("mnist", method, 4, s, epochs=3, batch_size=20) for s in (1, 2)]
-    datas = [tiny_split(s) for s in (1, 2)]
+@pytest.mark.parametrize("method, dataset", [
+    ("feed_forward", "mnist"), ("proposed_base", "mnist"),
+    ("feed_forward", "cifar10"),  # random crops from each run's generator
+])
+def test_vectorized_matches_sequential(method, dataset):
+    specs = [RunSpec(dataset, method, 4, s, epochs=3, batch_size=20) for s in (1, 2)]
+    datas = [tiny_split(s, dataset=dataset) for s in (1, 2)]
     seq = [train_run(s, d) for s, d in zip(specs, datas)]
     vec = train_runs_vectorized(specs, datas)
     for a, b in zip(seq, vec):
