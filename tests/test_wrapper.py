@@ -603,12 +603,12 @@ def test_recon_all_reconstructs_every_hidden_layer(case: Case):
     w = wrap(model, split=case.split, reconstruction="all", perturb=None)
     x, t = case.batch()
     w.train()(x)
-    first = float(w.losses(t).recon_hidden)
+    first = w.losses(t).as_floats()["recon_hidden"]
     assert first > 0
     with torch.no_grad():
         getattr(model, case.hidden).weight.mul_(1.5)
     w.train()(x)
-    assert float(w.losses(t).recon_hidden) != first
+    assert w.losses(t).as_floats()["recon_hidden"] != first
 
 
 # ----------------------------------------------------------------------------------------
