@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latent_aug import CifarNet, MnistNet
+from latent_aug.data import DataSplit
 
 
 class MLP(nn.Module):
@@ -151,3 +152,16 @@ class ShrinkNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc3(torch.relu(self.fc2(self.shrink(self.fc1(x)))))
+
+
+def tiny_split(seed: int, n: int = 40, dataset: str = "mnist") -> DataSplit:
+    """A run's data of random images (``n`` training, 30 validation, the validation set
+    reversed as test), shaped like ``dataset`` (CIFAR-10: 32×32 with 24×24 crops)."""
+    g = torch.Generator().manual_seed(seed)
+    shape, crop = ((1, 28, 28), None) if dataset == "mnist" else ((3, 32, 32), 24)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.arange(n) % 10
+    xv = torch.randn(30, *shape, generator=g)
+    yv = torch.arange(30) % 10
+    return DataSplit(dataset, x, y, xv, yv, xv.flip(0), yv.flip(0), torch.zeros(1),
+                     torch.arange(n), crop)

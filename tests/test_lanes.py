@@ -2,23 +2,12 @@
 
 import pytest
 import torch
+from models import tiny_split
 
-from latent_aug.data import DataSplit, eval_sets, split_from
+from latent_aug.data import eval_sets, split_from
 from latent_aug.errors import ConfigError
 from latent_aug.lanes import LaneTrainer, adam_, pack_lanes, train_families, train_runs_in_lanes
 from latent_aug.protocol import RunSpec, train_run
-
-
-def tiny_split(seed: int, n: int, dataset: str = "mnist") -> DataSplit:
-    g = torch.Generator().manual_seed(seed)
-    shape, crop = ((1, 28, 28), None) if dataset == "mnist" else ((3, 32, 32), 24)
-    x = torch.randn(n, *shape, generator=g)
-    y = torch.arange(n) % 10
-    xv = torch.randn(30, *shape, generator=g)
-    yv = torch.arange(30) % 10
-    return DataSplit(dataset, x, y, xv, yv, xv.flip(0), yv.flip(0), torch.zeros(1),
-                     torch.arange(n), crop)
-
 
 # (per_class, set, examples): runs of different lengths, so lanes hold runs back to back
 RUNS = [(6, 1, 60), (2, 1, 20), (4, 2, 40), (2, 2, 20), (4, 1, 40)]

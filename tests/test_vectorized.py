@@ -2,21 +2,10 @@
 
 import pytest
 import torch
+from models import tiny_split
 
-from latent_aug.data import DataSplit
 from latent_aug.protocol import RunSpec, train_run
 from latent_aug.vectorized import train_runs_vectorized
-
-
-def tiny_split(seed: int, n: int = 40, dataset: str = "mnist") -> DataSplit:
-    g = torch.Generator().manual_seed(seed)
-    shape, crop = ((1, 28, 28), None) if dataset == "mnist" else ((3, 32, 32), 24)
-    x = torch.randn(n, *shape, generator=g)
-    y = torch.arange(n) % 10
-    xv = torch.randn(30, *shape, generator=g)
-    yv = torch.arange(30) % 10
-    return DataSplit(dataset, x, y, xv, yv, xv.clone(), yv.clone(), torch.zeros(1),
-                     torch.arange(n), crop)
 
 
 @pytest.mark.parametrize("method, dataset", [
