@@ -30,7 +30,7 @@ from latent_aug.data import make_splits
 from latent_aug.errors import ConfigError
 from latent_aug.protocol import (
     LEARNING_RATE,
-    METHODS,
+    WRAPPED_METHODS,
     RunSpec,
     build_model,
     epoch_batches,
@@ -45,7 +45,7 @@ def trace(spec: RunSpec, steps: int, every: int, data_dir: str | None) -> tuple[
     model = build_model(spec)
     if not hasattr(model, "losses"):
         raise ConfigError(f"Method {spec.method!r} has no auxiliary terms to trace; pick a "
-                          f"wrapped method: {[m for m, o in METHODS.items() if o]}.")
+                          f"wrapped method: {list(WRAPPED_METHODS)}.")
     gen = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE[spec.dataset])
     rows, step = [], 0
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["mnist", "cifar10"], default="cifar10")
-    p.add_argument("--method", choices=[m for m, o in METHODS.items() if o], default="recon_all")
+    p.add_argument("--method", choices=WRAPPED_METHODS, default="recon_all")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--split", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)

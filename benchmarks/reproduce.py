@@ -31,7 +31,7 @@ from latent_aug.config import parse_options
 from latent_aug.errors import ConfigError
 from latent_aug.files import atomic_write_text
 from latent_aug.grid import ResultStore, run_grid
-from latent_aug.protocol import METHODS, TABLE1_METHODS, RunSpec
+from latent_aug.protocol import METHODS, TABLE1_METHODS, WRAPPED_METHODS, RunSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_SIZES: list[int | str] = list(SIZES)
@@ -123,7 +123,7 @@ def grid_from_args(args: argparse.Namespace) -> tuple[str, list[RunSpec]]:
         raise SystemExit(f"error: --option: {err}") from None
     specs = [
         RunSpec(g["dataset"], m, n, s, epochs=args.epochs,
-                options=options if isinstance(METHODS[m], dict) else ())
+                options=options if m in WRAPPED_METHODS else ())
         for g in grids for s in g["splits"] for n in g["per_class"] for m in g["methods"]
     ]
     return args.name or args.preset or "custom", specs

@@ -40,6 +40,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "manifold_mixup": None,
 }
 PEER_METHODS = ("isda", "manifold_mixup")
+#: The methods that are :func:`latent_aug.wrap` configurations (config options apply to them).
+WRAPPED_METHODS = tuple(m for m, overrides in METHODS.items() if overrides is not None)
 TABLE1_METHODS = [
     "feed_forward", "recon_one", "recon_all", "proposed_base", "perturb_random",
     "perturb_class_conditional",
