@@ -30,7 +30,7 @@ from benchmarks.paper_tables import PER_SET, SIZES, TABLE1
 from latent_aug.config import parse_options
 from latent_aug.errors import ConfigError
 from latent_aug.files import atomic_write_text
-from latent_aug.grid import ResultStore, run_grid
+from latent_aug.grid import KEY, ResultStore, run_grid
 from latent_aug.protocol import METHODS, TABLE1_METHODS, WRAPPED_METHODS, RunSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default=str(RESULTS),
                    help="where <name>.csv/.md/.png go (default: benchmarks/results)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
+    p.add_argument("--merge", nargs="+", metavar="CSV",
+                   help="report only: one table from several results CSVs (e.g. a CUDA grid "
+                        "and the CPU runs it missed) as <results-dir>/<name>.md/.png; on a "
+                        "run found in two files the first file listed wins. Needs --name.")
     return p
 
 
@@ -280,19 +284,71 @@ def plot(name: str, rows: list[dict[str, str]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(name: str, store: ResultStore, header: str = "") -> str:
-    rows = store.rows()
+def write_report(name: str, rows: list[dict[str, str]], folder: Path, header: str = "") -> str:
+    """``<folder>/<name>.md`` (the table) and ``<name>.png`` (the plot); returns the table."""
     if not rows:
         return ""
     text = report(name, rows, header)
-    folder = store.path.parent
     atomic_write_text(folder / f"{name}.md", text + f"\n![plot]({name}.png)\n")
     plot(name, rows, folder / f"{name}.png")
     return text
 
 
+GRID_FLAGS = ("preset", "dataset", "methods", "per_class", "splits")
+
+
+def merged_rows(paths: list[Path]) -> tuple[list[dict[str, str]], list[str]]:
+    """The rows of several results CSVs, one per run (the first file listed wins on a run that
+    appears twice), and one line per file saying how many of its rows were used."""
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: --merge: no such results file: {', '.join(missing)}")
+    seen: set[tuple[str, ...]] = set()
+    rows, sources = [], []
+    for path in paths:
+        found = ResultStore(path).rows()
+        if found and not set(KEY) <= set(found[0]):
+            raise SystemExit(f"error: --merge: {path} is not a results CSV (it lacks the "
+                             f"columns {', '.join(k for k in KEY if k not in found[0])})")
+        used = 0
+        for row in found:
+            key = tuple(row.get(k, "") for k in KEY)
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+                used += 1
+        sources.append(f"`{path.name}` ({used} of {len(found)} rows)")
+    return rows, sources
+
+
+def merge_report(args: argparse.Namespace, command: str) -> str:
+    given = [f"--{k.replace('_', '-')}" for k in GRID_FLAGS if getattr(args, k) is not None]
+    if args.option:
+        given.append("--option")
+    if given:
+        raise SystemExit(f"error: --merge only writes a report; drop {', '.join(given)} "
+                         "(the rows come from the CSVs)")
+    if not args.name:
+        raise SystemExit("error: --merge needs --name for the report it writes")
+    paths = [Path(p) for p in args.merge]
+    folder = Path(args.results_dir)
+    if any(p.resolve() == (folder / f"{args.name}.csv").resolve() for p in paths):
+        raise SystemExit(f"error: --name {args.name} would overwrite the report of "
+                         f"{args.name}.csv, one of the inputs; pick another name")
+    rows, sources = merged_rows(paths)
+    if not rows:
+        raise SystemExit("error: --merge: the files hold no runs")
+    header = (f"Command: `{command}`\n\nMerged from (first listed wins on a run found twice): "
+              + "; ".join(sources) + ".")
+    return write_report(args.name, rows, folder, header)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.merge:
+        given = argv if argv is not None else sys.argv[1:]
+        print(merge_report(args, "python benchmarks/reproduce.py " + " ".join(given)))
+        return 0
     name, specs = grid_from_args(args)
     store = ResultStore(Path(args.results_dir) / f"{name}.csv")
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
@@ -307,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                  threads=1 if workers > 1 else None, download=args.download,
                  vectorize=args.vectorize, cuda_graph=False if args.no_cuda_graph else None)
         print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
-    text = write_report(name, store, header=f"Command: `{command}`")
+    text = write_report(name, store.rows(), store.path.parent, header=f"Command: `{command}`")
     print(text)
     if name == "demo":
         print_demo(store)

@@ -84,3 +84,45 @@ def test_loss_trace_writes_one_table_per_call(tmp_path: Path, capsys):
     assert steps == ["0", "2", "3"] * 2  # every 2nd step and the last
     with pytest.raises(SystemExit, match="--steps"):
         loss_trace.main([*base, "--steps", "0"])
+
+
+def _store(path: Path, runs: list[tuple[str, int, int, float, str]]) -> Path:
+    from latent_aug.grid import ResultStore
+
+    store = ResultStore(path)
+    for method, per_class, split, error, device in runs:
+        store.append({"dataset": "mnist", "method": method, "per_class": per_class,
+                      "split": split, "epochs": 120, "test_error": error, "device": device,
+                      "torch": "2.14.1", "options": ""})
+    return path
+
+
+def test_merge_reports_several_csvs_first_file_wins(tmp_path: Path):
+    from benchmarks.reproduce import main
+
+    gpu = _store(tmp_path / "gpu.csv", [("feed_forward", 2000, 1, 1.5, "cuda"),
+                                        ("feed_forward", 2000, 2, 1.6, "cuda")])
+    cpu = _store(tmp_path / "cpu.csv", [("feed_forward", 2000, 2, 9.9, "cpu"),  # a duplicate
+                                        ("feed_forward", 2000, 3, 1.7, "cpu")])
+    main(["--merge", str(gpu), str(cpu), "--name", "both", "--results-dir", str(tmp_path)])
+    text = (tmp_path / "both.md").read_text()
+    assert "`gpu.csv` (2 of 2 rows); `cpu.csv` (1 of 2 rows)" in text
+    assert "| feed_forward | 1.60 ± 0.08 (1.45; +0.15) |" in text  # sets 1-3: 1.5, 1.6, 1.7
+    assert "Runs: 3. Device / torch / epochs: cpu / 2.14.1 / 120; cuda / 2.14.1 / 120." in text
+    assert (tmp_path / "both.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--name", "x", "--splits", "1"], "drop --splits"),
+    ([], "needs --name"),
+    (["--name", "gpu"], "would overwrite the report of gpu.csv"),
+])
+def test_merge_refuses_what_it_cannot_do(tmp_path: Path, extra: list[str], message: str):
+    from benchmarks.reproduce import main
+
+    gpu = _store(tmp_path / "gpu.csv", [("feed_forward", 100, 1, 6.0, "cuda")])
+    with pytest.raises(SystemExit, match=message):
+        main(["--merge", str(gpu), *extra, "--results-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no such results file: .*nope.csv"):
+        main(["--merge", str(gpu), str(tmp_path / "nope.csv"), "--name", "x",
+              "--results-dir", str(tmp_path)])
