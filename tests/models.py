@@ -154,14 +154,14 @@ class ShrinkNet(nn.Module):
         return self.fc3(torch.relu(self.fc2(self.shrink(self.fc1(x)))))
 
 
-def tiny_split(seed: int, n: int = 40, dataset: str = "mnist") -> DataSplit:
-    """A run's data of random images (``n`` training, 30 validation, the validation set
-    reversed as test), shaped like ``dataset`` (CIFAR-10: 32×32 with 24×24 crops)."""
+def tiny_split(seed: int = 0, n: int = 40, dataset: str = "mnist", n_eval: int = 30) -> DataSplit:
+    """A run's data of random images (``n`` training, ``n_eval`` validation, the validation
+    set reversed as test), shaped like ``dataset`` (CIFAR-10: 32×32 with 24×24 crops)."""
     g = torch.Generator().manual_seed(seed)
     shape, crop = ((1, 28, 28), None) if dataset == "mnist" else ((3, 32, 32), 24)
     x = torch.randn(n, *shape, generator=g)
     y = torch.arange(n) % 10
-    xv = torch.randn(30, *shape, generator=g)
-    yv = torch.arange(30) % 10
+    xv = torch.randn(n_eval, *shape, generator=g)
+    yv = torch.arange(n_eval) % 10
     return DataSplit(dataset, x, y, xv, yv, xv.flip(0), yv.flip(0), torch.zeros(1),
                      torch.arange(n), crop)

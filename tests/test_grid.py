@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from models import tiny_split
 
 from latent_aug import files, grid
-from latent_aug.data import DataSplit
 from latent_aug.files import atomic_write_text
 from latent_aug.grid import COLUMNS, KEY, ResultStore, run_grid, spec_key
 from latent_aug.protocol import RunSpec
@@ -117,23 +116,6 @@ def test_result_store_append_that_fails_keeps_every_finished_row(
 # ----------------------------------------------------------------------------------------------
 
 
-def _tiny_split(seed: int = 0) -> DataSplit:
-    gen = torch.Generator().manual_seed(seed)
-    n, m = 20, 10
-    return DataSplit(
-        dataset="mnist",
-        train_x=torch.rand(n, 1, 28, 28, generator=gen) - 0.5,
-        train_y=torch.arange(n) % 10,
-        valid_x=torch.rand(m, 1, 28, 28, generator=gen) - 0.5,
-        valid_y=torch.arange(m) % 10,
-        test_x=torch.rand(m, 1, 28, 28, generator=gen) - 0.5,
-        test_y=torch.arange(m) % 10,
-        mean=torch.full((1,), 0.5),
-        train_indices=torch.arange(n),
-        crop=None,
-    )
-
-
 SPECS = [
     RunSpec("mnist", "feed_forward", per_class=2, split=1, epochs=1, batch_size=10),
     RunSpec("mnist", "proposed_base", per_class=2, split=1, epochs=1, batch_size=10),
@@ -145,7 +127,7 @@ SPECS = [
 
 
 def test_run_grid_skips_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(grid, "_data_for", lambda spec, *a: _tiny_split(spec.split))
+    monkeypatch.setattr(grid, "_data_for", lambda spec, *a: tiny_split(spec.split, n=20, n_eval=10))
     trained: list[RunSpec] = []
     real_train_run = grid.train_run
 

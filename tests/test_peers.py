@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from models import tiny_split
 from torch import nn
 
 from latent_aug import CifarNet, MnistNet, list_split_points
-from latent_aug.data import DataSplit
 from latent_aug.errors import (
     AlreadyWrappedError,
     ConfigError,
@@ -353,16 +353,6 @@ def test_argument_validation():
 # -- the protocol trains both unchanged --------------------------------------------------------
 
 
-def _tiny_split(seed: int = 0) -> DataSplit:
-    g = torch.Generator().manual_seed(seed)
-
-    def xy(n):
-        return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-    (tx, ty), (vx, vy), (sx, sy) = xy(30), xy(10), xy(10)
-    return DataSplit("mnist", tx, ty, vx, vy, sx, sy, torch.zeros(1), torch.arange(30), None)
-
-
 @pytest.mark.parametrize(
     "method, options, cls",
     [
@@ -374,7 +364,7 @@ def test_protocol_train_run(method, options, cls):
     spec = RunSpec("mnist", method, per_class="all", split=1, epochs=2, options=options,
                    batch_size=10)
     assert isinstance(build_model(spec), cls)
-    result = train_run(spec, _tiny_split())
+    result = train_run(spec, tiny_split(n=30, n_eval=10))
     assert len(result.val_errors) == 2 and len(result.train_losses) == 2
     assert all(torch.isfinite(torch.tensor(result.train_losses)))
     assert 0.0 <= result.test_error <= 100.0 and result.best_epoch in (1, 2)

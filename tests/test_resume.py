@@ -7,10 +7,10 @@ import io
 
 import torch
 import torch.nn.functional as F
+from models import tiny_split
 from torch import Tensor
 
 from latent_aug import MnistNet, wrap
-from latent_aug.data import DataSplit
 from latent_aug.protocol import RunSpec, train_run
 
 BATCH = 4
@@ -128,33 +128,13 @@ def test_a_trained_wrapper_can_be_deep_copied() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _tiny_split(seed: int = 0, n_train: int = 20, n_eval: int = 16) -> DataSplit:
-    gen = torch.Generator().manual_seed(seed)
-
-    def images(n: int) -> Tensor:
-        return torch.rand(n, 1, 28, 28, generator=gen) - 0.5
-
-    return DataSplit(
-        dataset="mnist",
-        train_x=images(n_train),
-        train_y=torch.arange(n_train) % 10,
-        valid_x=images(n_eval),
-        valid_y=torch.randint(0, 10, (n_eval,), generator=gen),
-        test_x=images(n_eval),
-        test_y=torch.randint(0, 10, (n_eval,), generator=gen),
-        mean=torch.full((1,), 0.5),
-        train_indices=torch.arange(n_train),
-        crop=None,
-    )
-
-
 def _numbers(result) -> tuple:
     return (result.train_losses, result.val_errors, result.test_error, result.best_val_error,
             result.best_epoch, result.epochs)
 
 
 def test_train_run_is_repeatable() -> None:
-    data = _tiny_split()
+    data = tiny_split(n=20, n_eval=16)
     spec = RunSpec("mnist", "perturb_class_conditional", per_class=2, split=1, epochs=2,
                    batch_size=8)
     torch.manual_seed(777)  # train_run must seed itself: the outer state may not matter
