@@ -209,21 +209,48 @@ def _part_module(
 
 
 def split_points(model: nn.Module) -> list[str]:
-    """Names of the modules at which ``model`` can be split, in execution order."""
+    """Names of the modules at which ``model`` can be split, in execution order.
+
+    Containers count too (``"layer4"`` of a ResNet, a ``Sequential`` stage): their output is
+    the value that leaves them; a container and its last layer that share one output are
+    listed innermost first."""
     gm = trace(model)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    names, counts = [], {}
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             counts[node.target] = counts.get(node.target, 0) + 1
+    found: dict[str, fx.Node] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or counts[node.target] > 1:
+        if node.op == "call_module" and counts[node.target] == 1:
+            found[node.target] = node
+    for name, node in _container_outputs(gm).items():
+        found.setdefault(name, node)
+    names = [name for name, node in found.items()
+             if node not in out_node.all_input_nodes and _cut_violation(gm.graph, node) is None]
+    return sorted(names, key=lambda n: (position[found[n]], -n.count(".")))
+
+
+def _container_outputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """For every module called once whose traced nodes hand exactly one value to the rest of
+    the graph: that value's node. Leaf modules (one ``call_module`` node) are included."""
+    inside: dict[str, list[fx.Node]] = {}
+    calls: dict[str, set[str]] = {}
+    for node in gm.graph.nodes:
+        for key, (path, _) in node.meta.get("nn_module_stack", {}).items():
+            inside.setdefault(path, []).append(node)
+            calls.setdefault(path, set()).add(key)
+    live = _live(gm.graph)
+    outputs = {}
+    for path, nodes in inside.items():
+        if len(calls[path]) > 1:  # called more than once: no single output
             continue
-        if node in out_node.all_input_nodes:
-            continue
-        if _cut_violation(gm.graph, node) is None:
-            names.append(node.target)
-    return names
+        members = set(nodes)
+        leaving = [n for n in nodes if n in live and any(u not in members for u in n.users)]
+        if len(leaving) == 1:
+            outputs[path] = leaving[0]
+    return outputs
 
 
 def _live(graph: fx.Graph) -> set[fx.Node]:
@@ -243,6 +270,34 @@ def _cut_violation(graph: fx.Graph, cut: fx.Node) -> str | None:
     return None
 
 
+def _container_call(gm: fx.GraphModule, split: str) -> list[fx.Node]:
+    """``[the node whose value leaves the container split]``, or the error that says why
+    there is no such node."""
+    nodes = [n for n in gm.graph.nodes
+             if any(path == split for path, _ in n.meta.get("nn_module_stack", {}).values())]
+    if not nodes:
+        raise SplitNotFoundError(
+            f"split={split!r} is a module but the traced forward never runs it. Call "
+            f"latent_aug.list_split_points(model) to see valid names."
+        )
+    runs = {key for n in nodes for key, (path, _) in n.meta["nn_module_stack"].items()
+            if path == split}
+    if len(runs) > 1:
+        raise SplitNotFoundError(
+            f"split={split!r} is ambiguous: the forward runs it {len(runs)} times. Split at a "
+            f"module that runs once (see latent_aug.list_split_points(model))."
+        )
+    output = _container_outputs(gm).get(split)
+    if output is None:
+        raise SplitNotFoundError(
+            f"split={split!r} is a container whose traced layers do not hand exactly one "
+            f"value to the rest of the model (it returns several values, or none that is "
+            f"used), so it has no single output to take as z. Split at one of its layers "
+            f"(see latent_aug.list_split_points(model))."
+        )
+    return [output]
+
+
 def split_model(model: nn.Module, split: str, *, after_activation: bool = True) -> Split:
     """Trace ``model`` and cut it after the module named ``split``.
 
@@ -260,11 +315,7 @@ def split_model(model: nn.Module, split: str, *, after_activation: bool = True) 
     modules = dict(gm.named_modules())
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == split]
     if not calls:
-        raise SplitNotFoundError(
-            f"split={split!r} is a module but the traced forward never calls it directly "
-            f"(it may be a container). Call latent_aug.list_split_points(model) to see "
-            f"valid names."
-        )
+        calls = _container_call(gm, split)
     if len(calls) > 1:
         raise SplitNotFoundError(
             f"split={split!r} is ambiguous: the forward calls it {len(calls)} times. "

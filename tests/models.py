@@ -165,3 +165,29 @@ def tiny_split(seed: int = 0, n: int = 40, dataset: str = "mnist", n_eval: int =
     yv = torch.arange(n_eval) % 10
     return DataSplit(dataset, x, y, xv, yv, xv.flip(0), yv.flip(0), torch.zeros(1),
                      torch.arange(n), crop)
+
+
+class ResBlock(nn.Module):
+    """``x + relu(conv(x))``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.relu(self.conv(x))
+
+
+class StagedCNN(nn.Module):
+    """A container split point: ``features`` is a Sequential ending in a residual block, so
+    its output is the block's sum, not a layer's. Input (B, 1, 8, 8)."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), ResBlock(4))
+        self.fc1 = nn.Linear(4 * 8 * 8, 16)
+        self.fc2 = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.relu(self.fc1(torch.flatten(self.features(x), 1)))
+        return self.fc2(z)

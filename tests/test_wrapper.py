@@ -9,7 +9,17 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
-from models import CASE_BY_NAME, CASES, MLP, Case, ResidualCNN, ShrinkNet, cases
+from models import (
+    CASE_BY_NAME,
+    CASES,
+    MLP,
+    Case,
+    ResBlock,
+    ResidualCNN,
+    ShrinkNet,
+    StagedCNN,
+    cases,
+)
 from torch import Tensor, nn
 
 import latent_aug
@@ -661,6 +671,67 @@ def test_list_split_points_excludes_layers_inside_a_skip():
     points = list_split_points(ResidualCNN())
     assert "inner" not in points
     assert points == ["stem", "fc1"]
+
+
+def test_list_split_points_names_containers_after_their_last_layer():
+    assert list_split_points(StagedCNN()) == ["features.0", "features.1", "features.2",
+                                              "features", "fc1"]
+
+
+@pytest.mark.parametrize("split", ["features", "features.2"])
+def test_split_at_a_container_takes_its_output_as_z(split: str):
+    """A Sequential (or a residual block) is not one traced call; z is the value that
+    leaves it, here the residual block's sum."""
+    model = StagedCNN()
+    reference = copy.deepcopy(model)
+    w = wrap(model, split=split)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(w.eval().encode(x), reference.features(x), rtol=0, atol=0)
+        assert torch.equal(w(x), reference.eval()(x))
+    w.train()
+    _, loss = train_step(w, x, t)
+    terms = w.losses(t)
+    assert torch.isfinite(loss) and terms.recon_latent > 0  # the head's tied decoder runs
+    (grad,) = torch.autograd.grad(terms.total, model.features[2].conv.weight)
+    assert grad.abs().sum() > 0
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ResBlock(1)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.block(self.block(x)), 1))
+
+
+class _Pair(nn.Module):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.tanh(x), torch.sigmoid(x)
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = _Pair()
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.pair(x)
+        return self.fc(torch.flatten(a * b, 1))
+
+
+@pytest.mark.parametrize(("model", "split", "message"), [
+    (_Twice(), "block", "ambiguous: the forward runs it 2 times"),
+    (_TwoOutputs(), "pair", "do not hand exactly one value"),
+])
+def test_a_container_without_one_output_is_an_error(model: nn.Module, split: str, message: str):
+    with pytest.raises(SplitNotFoundError, match=message) as info:
+        wrap(model, split=split)
+    assert "list_split_points" in str(info.value)
+    assert split not in list_split_points(model)
 
 
 @pytest.mark.parametrize("split", ["conv1", "conv2", "conv3", "fc1"])
