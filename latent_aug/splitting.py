@@ -208,13 +208,35 @@ def _part_module(
     return fx.GraphModule(root, graph, class_name=name)
 
 
-def split_points(model: nn.Module) -> list[str]:
+def split_points(
+    model: nn.Module, *, tied_head: bool = False, after_activation: bool = True
+) -> list[str]:
     """Names of the modules at which ``model`` can be split, in execution order.
 
     Containers count too (``"layer4"`` of a ResNet, a ``Sequential`` stage): their output is
     the value that leaves them; a container and its last layer that share one output are
-    listed innermost first."""
+    listed innermost first. With ``tied_head`` only the points whose head f2 is a chain of
+    registered layers, so that the tied head decoder g2' can mirror it (what the default
+    class-conditional config needs)."""
     gm = trace(model)
+    points = _cut_points(gm)
+    if not tied_head:
+        return [name for name, _ in points]
+    modules = dict(gm.named_modules())
+    live = _live(gm.graph)
+    names = []
+    for name, cut in points:
+        if after_activation:
+            cut = _activation_user(cut, modules) or cut
+        encoder = _ancestors(cut)
+        head = [n for n in gm.graph.nodes if n not in encoder and n.op != "output" and n in live]
+        if _chain(head, cut, modules)[1] is not None:
+            names.append(name)
+    return names
+
+
+def _cut_points(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:
+    """``(name, node whose output z would be)`` for every valid split, in execution order."""
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
     counts: dict[str, int] = {}
@@ -229,7 +251,8 @@ def split_points(model: nn.Module) -> list[str]:
         found.setdefault(name, node)
     names = [name for name, node in found.items()
              if node not in out_node.all_input_nodes and _cut_violation(gm.graph, node) is None]
-    return sorted(names, key=lambda n: (position[found[n]], -n.count(".")))
+    names.sort(key=lambda n: (position[found[n]], -n.count(".")))
+    return [(name, found[name]) for name in names]
 
 
 def _container_outputs(gm: fx.GraphModule) -> dict[str, fx.Node]:

@@ -125,8 +125,9 @@ class SemanticNoiseWrapper(nn.Module):
             if hd.chain is None:
                 raise UnsupportedLayerError(
                     f"The head f2 cannot be mirrored into the tied decoder g2' (y -> z): first "
-                    f"blocking layer {hd.blocker}. Split closer to the classifier, or use "
-                    f"reconstruction='none' with perturb='random' or None."
+                    f"blocking layer {hd.blocker}. Split closer to the classifier"
+                    f"{_tied_head_hint(model, cfg)}, or use reconstruction='none' with "
+                    f"perturb='random' or None."
                 )
             tail = []
             if cfg.latent_after_activation and enc.chain and _ends_in_activation(enc.chain):
@@ -384,6 +385,17 @@ def _resolve_parts(model, split, encoder, head, cfg):
     return model, s.encoder, s.head, s.latent_name
 
 
+def _tied_head_hint(model: nn.Module | None, cfg: SemanticNoiseConfig) -> str:
+    """`` (points where it can: 'a', 'b')`` for a model split by name, else ``""``."""
+    if model is None:
+        return ""
+    points = split_points(model, tied_head=True, after_activation=cfg.latent_after_activation)
+    if not points:
+        return " (no split point of this model has a head it can mirror)"
+    shown = ", ".join(repr(p) for p in points[-5:])
+    return f" (points where it can: {'..., ' if len(points) > 5 else ''}{shown})"
+
+
 def _build_input_decoder(model, enc: Part, cfg, ctx, input_shape):
     """The decoder g1' (z -> x) the config asks for, and the mode actually used."""
     if cfg.reconstruction != "split":
@@ -480,6 +492,8 @@ def wrap(
     )
 
 
-def list_split_points(model: nn.Module) -> list[str]:
-    """Module names that ``wrap(model, split=...)`` accepts, in execution order."""
-    return split_points(model)
+def list_split_points(model: nn.Module, *, tied_head: bool = False) -> list[str]:
+    """Module names that ``wrap(model, split=...)`` accepts, in execution order; with
+    ``tied_head=True`` only those where the head can be mirrored into the tied decoder g2'
+    (needed by the default class-conditional noise and the latent reconstruction)."""
+    return split_points(model, tied_head=tied_head)

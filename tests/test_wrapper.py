@@ -678,6 +678,15 @@ def test_list_split_points_names_containers_after_their_last_layer():
                                               "features", "fc1"]
 
 
+def test_a_head_that_cannot_be_mirrored_names_the_split_points_that_can():
+    assert list_split_points(StagedCNN(), tied_head=True) == ["features.2", "features", "fc1"]
+    with pytest.raises(UnsupportedLayerError, match="points where it can: 'features.2', "
+                                                    "'features', 'fc1'"):
+        wrap(StagedCNN(), split="features.1")  # the head starts with the residual block
+    wrapped = wrap(StagedCNN(), split="features.1", perturb="random", reconstruction="none")
+    assert wrapped.head_decoder is None
+
+
 @pytest.mark.parametrize("split", ["features", "features.2"])
 def test_split_at_a_container_takes_its_output_as_z(split: str):
     """A Sequential (or a residual block) is not one traced call; z is the value that
