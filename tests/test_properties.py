@@ -306,3 +306,38 @@ def test_constant_row_in_a_varying_batch_gets_no_noise() -> None:
     assert torch.equal(noise[2], torch.zeros(9))
     assert (noise[[0, 1, 3]] != 0).all()
     assert torch.isfinite(noise).all()
+
+
+def _grouped(layers: list[nn.Module], cuts: list[int]) -> nn.Sequential:
+    """``layers`` as a Sequential of Sequentials, a new group starting at each index of
+    ``cuts`` (groups nest one level: what a staged network looks like to named_modules)."""
+    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(layers))), len(layers)]
+    return nn.Sequential(*(nn.Sequential(*layers[a:b]) for a, b in zip(bounds, bounds[1:])))
+
+
+@SETTINGS
+@given(hidden=st.lists(st.integers(1, 8), min_size=1, max_size=3),
+       cuts=st.lists(st.integers(1, 6), max_size=3), batch=st.integers(1, 8))
+def test_a_container_split_takes_the_value_leaving_the_container(
+    hidden: list[int], cuts: list[int], batch: int
+) -> None:
+    """For any grouping of an MLP into stages, every listed container is a split point whose
+    z is exactly what the container returns (seen by a forward hook)."""
+    from latent_aug import list_split_points
+
+    model = _grouped(list(_mlp(5, hidden, torch.float32)), cuts)
+    x = torch.randn(batch, 5)
+    containers = [name for name in list_split_points(model)
+                  if isinstance(model.get_submodule(name), nn.Sequential)]
+    assert containers == [str(i) for i in range(len(model) - 1)]  # every stage but the last
+    for name in containers:
+        seen: list[Tensor] = []
+        handle = model.get_submodule(name).register_forward_hook(
+            lambda mod, inp, out, seen=seen: seen.append(out))
+        reference = model.eval()(x)
+        handle.remove()
+        wrapped = wrap(model, split=name, latent_after_activation=False).eval()
+        with torch.no_grad():
+            assert torch.equal(wrapped(x), reference)
+            assert torch.equal(wrapped.encode(x), seen[0])
+        wrapped.unwrap()
