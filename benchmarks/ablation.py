@@ -25,10 +25,10 @@ if __package__ in (None, ""):
 
 import torch
 
+from benchmarks.paper_tables import PER_SET, TABLE1
 from latent_aug.config import parse_options
 from latent_aug.files import atomic_write_text
 from latent_aug.grid import ResultStore, run_grid
-from latent_aug.paper_tables import PER_SET, TABLE1
 from latent_aug.protocol import RunSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"

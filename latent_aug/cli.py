@@ -1,6 +1,5 @@
 """The ``latent-aug`` command line.
 
-    latent-aug reproduce --preset demo --data-dir DIR    # the paper's grids (see --help)
     latent-aug figures --dataset mnist --data-dir DIR --out docs/figures --epochs 120 \\
         --checkpoint-dir checkpoints --max-background 10000 --device cpu
 """
@@ -50,11 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="latent-aug", description="Semantic-noise latent regularization: tools."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(  # listed for --help; main() hands its arguments to latent_aug.reproduce
-        "reproduce", add_help=False,
-        help="train the paper's grids (Table 1, appendix, peers) with its protocol; "
-             "'latent-aug reproduce --help' for the options",
-    )
     p = commands.add_parser(
         "figures",
         help="train proposed-base and draw the paper's Figures 5-8 + preservation scores",
@@ -87,11 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``latent-aug`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["reproduce"]:
-        from .reproduce import main as reproduce  # imports torch's grid machinery: only here
-
-        return reproduce(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

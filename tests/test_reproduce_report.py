@@ -9,11 +9,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pytest  # noqa: E402
 
+from benchmarks.paper_tables import PER_SET  # noqa: E402
+from benchmarks.reproduce import criterion, grid_from_args, parser, summarize  # noqa: E402
 from latent_aug.config import parse_options  # noqa: E402
 from latent_aug.errors import ConfigError  # noqa: E402
-from latent_aug.grid import ResultStore  # noqa: E402
-from latent_aug.paper_tables import PER_SET  # noqa: E402
-from latent_aug.reproduce import criterion, grid_from_args, parser, summarize  # noqa: E402
 
 
 def rows(errors: dict[tuple[str, int], float]) -> list[dict[str, str]]:
@@ -88,6 +87,8 @@ def test_loss_trace_writes_one_table_per_call(tmp_path: Path, capsys):
 
 
 def _store(path: Path, runs: list[tuple[str, int, int, float, str]]) -> Path:
+    from latent_aug.grid import ResultStore
+
     store = ResultStore(path)
     for method, per_class, split, error, device in runs:
         store.append({"dataset": "mnist", "method": method, "per_class": per_class,
@@ -97,7 +98,7 @@ def _store(path: Path, runs: list[tuple[str, int, int, float, str]]) -> Path:
 
 
 def test_merge_reports_several_csvs_first_file_wins(tmp_path: Path):
-    from latent_aug.reproduce import main
+    from benchmarks.reproduce import main
 
     gpu = _store(tmp_path / "gpu.csv", [("feed_forward", 2000, 1, 1.5, "cuda"),
                                         ("feed_forward", 2000, 2, 1.6, "cuda")])
@@ -117,7 +118,7 @@ def test_merge_reports_several_csvs_first_file_wins(tmp_path: Path):
     (["--name", "gpu"], "would overwrite the report of gpu.csv"),
 ])
 def test_merge_refuses_what_it_cannot_do(tmp_path: Path, extra: list[str], message: str):
-    from latent_aug.reproduce import main
+    from benchmarks.reproduce import main
 
     gpu = _store(tmp_path / "gpu.csv", [("feed_forward", 100, 1, 6.0, "cuda")])
     with pytest.raises(SystemExit, match=message):
@@ -125,27 +126,3 @@ def test_merge_refuses_what_it_cannot_do(tmp_path: Path, extra: list[str], messa
     with pytest.raises(SystemExit, match="no such results file: .*nope.csv"):
         main(["--merge", str(gpu), str(tmp_path / "nope.csv"), "--name", "x",
               "--results-dir", str(tmp_path)])
-
-
-def test_console_script_runs_a_grid_and_the_checkout_script_is_the_same_command(tmp_path: Path):
-    """``latent-aug reproduce`` trains, writes the CSV row and the report; the checkout's
-    ``python benchmarks/reproduce.py`` is the same command (its report says which)."""
-    import subprocess
-
-    from latent_aug import cli
-    from tests.test_grid import _write_tiny_mnist
-
-    _write_tiny_mnist(tmp_path)
-    grid = ["--dataset", "mnist", "--methods", "feed_forward", "--per-class", "2", "--splits",
-            "1", "--epochs", "1", "--workers", "1", "--data-dir", str(tmp_path),
-            "--results-dir", str(tmp_path), "--name", "tiny"]
-    assert cli.main(["reproduce", *grid]) == 0
-    (row,) = ResultStore(tmp_path / "tiny.csv").rows()
-    assert (row["method"], row["per_class"], row["epochs"]) == ("feed_forward", "2", "1")
-    assert "Command: `latent-aug reproduce --dataset mnist" in (tmp_path / "tiny.md").read_text()
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, str(root / "benchmarks" / "reproduce.py"), *grid,
-                    "--report-only"], check=True, capture_output=True, cwd=tmp_path)
-    report = (tmp_path / "tiny.md").read_text()
-    assert "Command: `python benchmarks/reproduce.py --dataset mnist" in report
-    assert "| feed_forward |" in report
