@@ -126,3 +126,26 @@ def test_merge_refuses_what_it_cannot_do(tmp_path: Path, extra: list[str], messa
     with pytest.raises(SystemExit, match="no such results file: .*nope.csv"):
         main(["--merge", str(gpu), str(tmp_path / "nope.csv"), "--name", "x",
               "--results-dir", str(tmp_path)])
+
+
+def test_the_command_runs_a_grid_then_writes_the_row_and_the_report(tmp_path: Path):
+    """End to end on a tiny MNIST: train, write the CSV row, write the report (as
+    ``python benchmarks/reproduce.py``, in its own process); a rerun trains nothing."""
+    import subprocess
+
+    from latent_aug.grid import ResultStore
+    from tests.test_grid import _write_tiny_mnist
+
+    _write_tiny_mnist(tmp_path)
+    grid = ["--dataset", "mnist", "--methods", "feed_forward", "--per-class", "2", "--splits",
+            "1", "--epochs", "1", "--workers", "1", "--data-dir", str(tmp_path),
+            "--results-dir", str(tmp_path), "--name", "tiny"]
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "reproduce.py"
+    for _ in range(2):
+        subprocess.run([sys.executable, str(script), *grid], check=True, capture_output=True,
+                       cwd=tmp_path)
+    (row,) = ResultStore(tmp_path / "tiny.csv").rows()  # the rerun added nothing
+    assert (row["method"], row["per_class"], row["epochs"]) == ("feed_forward", "2", "1")
+    report = (tmp_path / "tiny.md").read_text()
+    assert "Command: `python benchmarks/reproduce.py --dataset mnist" in report
+    assert "| feed_forward |" in report
