@@ -95,8 +95,10 @@ class SemanticNoiseWrapper(nn.Module):
 
     Args:
         model: the classifier to wrap (``None`` with ``encoder``/``head``).
-        split: dotted module name whose output is z (see :func:`list_split_points`). For timm
-            models it may be omitted: z is then the classifier's input (pooled pre-logits).
+        split: dotted module name whose output is z (see :func:`list_split_points`); a
+            container (a ``Sequential`` stage, a residual block) gives the value that leaves
+            it. For timm models it may be omitted: z is then the classifier's input (pooled
+            pre-logits).
         encoder, head: the explicit halves, ``z = encoder(x)``, ``logits = head(z)``.
         config: a :class:`SemanticNoiseConfig`; keyword ``options`` override its fields.
         input_shape: ``(C, H, W)`` of one input, needed only by ``input_decoder="learned"``.
