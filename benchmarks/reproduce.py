@@ -210,6 +210,11 @@ def report(name: str, rows: list[dict[str, str]], header: str = "") -> str:
                 cells.append(f"{c['mean']:.2f}{spread}{paper}{sets}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
+    diverged = [f"{label(r)}@{r['per_class']}/set {r['split']} (epoch {r['diverged_epoch']})"
+                for r in rows if r.get("diverged_epoch")]
+    if diverged:
+        lines += ["Runs whose mean training loss became non-finite (each still reports the test "
+                  "error of its best validation epoch): " + "; ".join(diverged) + ".", ""]
     if any(r["dataset"] == "cifar10" for r in rows):
         lines += ["CIFAR-10 numbers are measured on the JPEG re-encoded copy (quality ~75), so "
                   "they are close to, not identical with, the original dataset's.", ""]

@@ -16,11 +16,12 @@ import contextlib
 import csv
 import datetime as _dt
 import io
+import math
 import multiprocessing as mp
 import os
 import platform
 import queue as _queue
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,7 @@ from .protocol import RunResult, RunSpec, train_run
 
 COLUMNS = [
     "dataset", "method", "per_class", "split", "test_error", "best_val_error", "best_epoch",
-    "epochs", "device", "seconds", "tag", "options", "torch", "threads", "date",
+    "epochs", "device", "seconds", "tag", "options", "torch", "threads", "date", "diverged_epoch",
 ]
 KEY = ("dataset", "method", "per_class", "split", "epochs", "options")
 
@@ -108,7 +109,17 @@ def result_row(spec: RunSpec, result: RunResult, device: str, tag: str = "") -> 
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "diverged_epoch": diverged_epoch(result.train_losses) or "",
     }
+
+
+def diverged_epoch(train_losses: Sequence[float]) -> int | None:
+    """The first epoch (1-based) whose mean training loss was not finite, or ``None``.
+
+    A run that diverges keeps training to its last epoch (the protocol is unchanged) and its
+    test error is still that of its best-validation epoch, usually one before the divergence;
+    the column says that it happened."""
+    return next((i for i, loss in enumerate(train_losses, 1) if not math.isfinite(loss)), None)
 
 
 def device_name(device: str) -> str:

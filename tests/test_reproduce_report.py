@@ -149,3 +149,21 @@ def test_the_command_runs_a_grid_then_writes_the_row_and_the_report(tmp_path: Pa
     report = (tmp_path / "tiny.md").read_text()
     assert "Command: `python benchmarks/reproduce.py --dataset mnist" in report
     assert "| feed_forward |" in report
+
+
+def test_a_run_whose_loss_went_non_finite_is_marked_in_its_row_and_the_report():
+    from benchmarks.reproduce import report
+    from latent_aug.grid import diverged_epoch, result_row
+    from latent_aug.protocol import RunResult, RunSpec
+
+    assert diverged_epoch([2.0, 1.0]) is None
+    assert diverged_epoch([2.0, float("nan"), float("inf")]) == 2
+    spec = RunSpec("mnist", "proposed_base", 100, 3, epochs=3)
+    fine = result_row(spec, RunResult(4.0, 3.9, 2, 3, 1.0, [5, 4, 3], [1.0, 0.5, 0.4]), "cpu")
+    bad = result_row(spec, RunResult(4.0, 3.9, 1, 3, 1.0, [5, 90, 90],
+                                     [1.0, float("nan"), float("nan")]), "cpu")
+    assert (fine["diverged_epoch"], bad["diverged_epoch"]) == ("", 2)
+    as_read = [{k: str(v) for k, v in row.items()} for row in (fine, bad)]  # as from the CSV
+    text = report("t", as_read)
+    assert "became non-finite" in text and "proposed_base@100/set 3 (epoch 2)" in text
+    assert "became non-finite" not in report("t", as_read[:1])
