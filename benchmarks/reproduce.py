@@ -210,16 +210,38 @@ def report(name: str, rows: list[dict[str, str]], header: str = "") -> str:
                 cells.append(f"{c['mean']:.2f}{spread}{paper}{sets}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
-    diverged = [f"{label(r)}@{r['per_class']}/set {r['split']} (epoch {r['diverged_epoch']})"
-                for r in rows if r.get("diverged_epoch")]
-    if diverged:
-        lines += ["Runs whose mean training loss became non-finite (each still reports the test "
-                  "error of its best validation epoch): " + "; ".join(diverged) + ".", ""]
+    lines += training_failures(rows)
     if any(r["dataset"] == "cifar10" for r in rows):
         lines += ["CIFAR-10 numbers are measured on the JPEG re-encoded copy (quality ~75), so "
                   "they are close to, not identical with, the original dataset's.", ""]
     lines += criterion(summary)
     return "\n".join(lines)
+
+
+CHANCE_MARGIN = 2.0  # points below chance (90 % for 10 classes) that still count as chance
+
+
+def training_failures(rows: list[dict[str, str]], classes: int = 10) -> list[str]:
+    """Report lines for runs whose training broke down: a non-finite mean training loss
+    (``diverged_epoch``) or a last validation error at chance level after a better best
+    epoch. Their test error is still their best validation epoch's (the protocol's)."""
+    chance = 100.0 * (1 - 1 / classes) - CHANCE_MARGIN
+    where = lambda r: f"{label(r)}@{r['per_class']}/set {r['split']}"  # noqa: E731
+    lines = []
+    diverged = [f"{where(r)} (epoch {r['diverged_epoch']})" for r in rows
+                if r.get("diverged_epoch")]
+    if diverged:
+        lines += ["Runs whose mean training loss became non-finite: " + "; ".join(diverged)
+                  + ".", ""]
+    collapsed = [f"{where(r)} (best {float(r['best_val_error']):.2f} % at epoch "
+                 f"{r['best_epoch']}, last {float(r['last_val_error']):.2f} %)" for r in rows
+                 if r.get("last_val_error") and float(r["last_val_error"]) >= chance
+                 and float(r["best_val_error"]) < chance]
+    if collapsed:
+        lines += ["Runs that ended at chance level after a better epoch (validation error; "
+                  "the test error above is the best epoch's): " + "; ".join(collapsed) + ".",
+                  ""]
+    return lines
 
 
 def criterion(summary: dict[tuple, dict], min_size: int = 50, tolerance: float = 0.25) -> list[str]:

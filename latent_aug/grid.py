@@ -35,6 +35,7 @@ from .protocol import RunResult, RunSpec, train_run
 COLUMNS = [
     "dataset", "method", "per_class", "split", "test_error", "best_val_error", "best_epoch",
     "epochs", "device", "seconds", "tag", "options", "torch", "threads", "date", "diverged_epoch",
+    "last_val_error",
 ]
 KEY = ("dataset", "method", "per_class", "split", "epochs", "options")
 
@@ -110,6 +111,7 @@ def result_row(spec: RunSpec, result: RunResult, device: str, tag: str = "") -> 
         "threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "diverged_epoch": diverged_epoch(result.train_losses) or "",
+        "last_val_error": f"{result.val_errors[-1]:.2f}" if result.val_errors else "",
     }
 
 

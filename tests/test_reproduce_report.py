@@ -160,10 +160,14 @@ def test_a_run_whose_loss_went_non_finite_is_marked_in_its_row_and_the_report():
     assert diverged_epoch([2.0, float("nan"), float("inf")]) == 2
     spec = RunSpec("mnist", "proposed_base", 100, 3, epochs=3)
     fine = result_row(spec, RunResult(4.0, 3.9, 2, 3, 1.0, [5, 4, 3], [1.0, 0.5, 0.4]), "cpu")
-    bad = result_row(spec, RunResult(4.0, 3.9, 1, 3, 1.0, [5, 90, 90],
+    bad = result_row(spec, RunResult(4.0, 3.9, 1, 3, 1.0, [3.9, 90, 90],
                                      [1.0, float("nan"), float("nan")]), "cpu")
     assert (fine["diverged_epoch"], bad["diverged_epoch"]) == ("", 2)
     as_read = [{k: str(v) for k, v in row.items()} for row in (fine, bad)]  # as from the CSV
     text = report("t", as_read)
-    assert "became non-finite" in text and "proposed_base@100/set 3 (epoch 2)" in text
-    assert "became non-finite" not in report("t", as_read[:1])
+    assert "became non-finite: proposed_base@100/set 3 (epoch 2)." in text
+    assert "ended at chance level after a better epoch (validation error; the test error " \
+           "above is the best epoch's): proposed_base@100/set 3 (best 3.90 % at epoch 1, " \
+           "last 90.00 %)." in text
+    assert "non-finite" not in report("t", as_read[:1])
+    assert "chance level" not in report("t", as_read[:1])
