@@ -228,9 +228,7 @@ def split_points(
     for name, cut in points:
         if after_activation:
             cut = _activation_user(cut, modules) or cut
-        encoder = _ancestors(cut)
-        head = [n for n in gm.graph.nodes if n not in encoder and n.op != "output" and n in live]
-        if _chain(head, cut, modules)[1] is not None:
+        if _chain(_head_nodes(gm.graph, cut, live), cut, modules)[1] is not None:
             names.append(name)
     return names
 
@@ -274,6 +272,12 @@ def _container_outputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
         if len(leaving) == 1:
             outputs[path] = leaving[0]
     return outputs
+
+
+def _head_nodes(graph: fx.Graph, cut: fx.Node, live: set[fx.Node]) -> list[fx.Node]:
+    """The live nodes after the cut (the head f2), in graph order."""
+    encoder = _ancestors(cut)
+    return [n for n in graph.nodes if n not in encoder and n.op != "output" and n in live]
 
 
 def _live(graph: fx.Graph) -> set[fx.Node]:
@@ -354,10 +358,7 @@ def split_model(model: nn.Module, split: str, *, after_activation: bool = True) 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     enc_nodes = [n for n in gm.graph.nodes if n in _ancestors(cut)]
-    live = _live(gm.graph)
-    head_nodes = [
-        n for n in gm.graph.nodes if n not in set(enc_nodes) and n.op != "output" and n in live
-    ]
+    head_nodes = _head_nodes(gm.graph, cut, _live(gm.graph))
     head_calls = [n for n in head_nodes if n.op not in ("placeholder", "get_attr")]
     if not head_calls:
         raise SplitNotFoundError(
