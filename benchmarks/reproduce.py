@@ -30,7 +30,7 @@ from benchmarks.paper_tables import PER_SET, SIZES, TABLE1
 from latent_aug.config import parse_options
 from latent_aug.errors import ConfigError
 from latent_aug.files import atomic_write_text
-from latent_aug.grid import KEY, ResultStore, run_grid
+from latent_aug.grid import KEY, ResultStore, row_key, run_grid
 from latent_aug.protocol import METHODS, TABLE1_METHODS, WRAPPED_METHODS, RunSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -339,7 +339,7 @@ def merged_rows(paths: list[Path]) -> tuple[list[dict[str, str]], list[str]]:
                              f"columns {', '.join(k for k in KEY if k not in found[0])})")
         used = 0
         for row in found:
-            key = tuple(row.get(k, "") for k in KEY)
+            key = row_key(row)
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
@@ -372,14 +372,13 @@ def merge_report(args: argparse.Namespace, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = "python benchmarks/reproduce.py " + " ".join(given)
     if args.merge:
-        given = argv if argv is not None else sys.argv[1:]
-        print(merge_report(args, "python benchmarks/reproduce.py " + " ".join(given)))
+        print(merge_report(args, command))
         return 0
     name, specs = grid_from_args(args)
     store = ResultStore(Path(args.results_dir) / f"{name}.csv")
-    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
-    command = "python benchmarks/reproduce.py " + " ".join(given)
     if not args.report_only:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but torch.cuda.is_available() is False.")

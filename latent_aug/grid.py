@@ -45,6 +45,12 @@ def options_text(options: Iterable[tuple[str, Any]]) -> str:
     return ";".join(f"{k}={v}" for k, v in sorted(options))
 
 
+def row_key(row: dict[str, Any]) -> tuple[str, ...]:
+    """The run a CSV row (or a fresh ``result_row``) belongs to, comparable with
+    :func:`spec_key`."""
+    return tuple(str(row.get(k, "")) for k in KEY)
+
+
 def spec_key(spec: RunSpec) -> tuple[str, ...]:
     return (spec.dataset, spec.method, str(spec.per_class), str(spec.split), str(spec.epochs),
             options_text(spec.options))
@@ -66,7 +72,7 @@ class ResultStore:
             return list(csv.DictReader(f))
 
     def done(self) -> set[tuple[str, ...]]:
-        return {tuple(r.get(k, "") for k in KEY) for r in self.rows()}
+        return {row_key(r) for r in self.rows()}
 
     def append(self, row: dict[str, Any]) -> None:
         with self._locked():
@@ -300,7 +306,7 @@ def run_grid(
     written: set[tuple[str, ...]] = set()
 
     def keep(row: dict[str, Any]) -> None:
-        key = tuple(str(row[k]) for k in KEY)
+        key = row_key(row)
         if key not in written:  # a lanes row arrives as an event, then again at job end
             written.add(key)
             store.append(row)
