@@ -91,6 +91,10 @@ def parser() -> argparse.ArgumentParser:
                         "each grid cell together (both with vmap)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="with --vectorize lanes on CUDA: eager steps instead of a CUDA graph")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: let the training processes reuse freed heap instead of "
+                        "page-faulting fresh memory for every batch (latent_aug.allocator; "
+                        "default on; --no-keep-freed-memory for glibc's own settings)")
     p.add_argument("--option", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides (latent_aug.SemanticNoiseConfig fields, e.g. "
                         "l2_reduction=mean) for the wrapped methods; feed_forward, ladder and "
@@ -387,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         run_grid(specs, store, data_dir=args.data_dir, device=args.device, workers=workers,
                  threads=1 if workers > 1 else None, download=args.download,
-                 vectorize=args.vectorize, cuda_graph=False if args.no_cuda_graph else None)
+                 vectorize=args.vectorize, cuda_graph=False if args.no_cuda_graph else None,
+                 keep_memory=args.keep_freed_memory)
         print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
     text = write_report(name, store.rows(), store.path.parent, header=f"Command: `{command}`")
     print(text)

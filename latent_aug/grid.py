@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .allocator import keep_freed_memory
 from .files import atomic_write_text
 from .protocol import RunResult, RunSpec, train_run
 
@@ -250,8 +251,10 @@ def execute_lanes(
     return rows
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, keep_memory: bool = False) -> None:
     torch.set_num_threads(threads)
+    if keep_memory:
+        keep_freed_memory()
 
 
 def run_grid(
@@ -267,6 +270,7 @@ def run_grid(
     progress: bool = True,
     vectorize: bool | str = False,
     cuda_graph: bool | None = None,
+    keep_memory: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every spec not yet in ``store``; return the new rows (in completion order).
 
@@ -275,6 +279,11 @@ def run_grid(
     in lanes (see :mod:`latent_aug.lanes`; the method families are split over ``workers``
     and each worker drives its families round-robin; ``cuda_graph`` as in
     :class:`~latent_aug.lanes.LaneTrainer`). Runs that cannot be vectorized run one at a time.
+
+    ``keep_memory`` (CPU only): the processes that train call
+    :func:`latent_aug.allocator.keep_freed_memory`, so the per-batch activations reuse freed
+    heap instead of page-faulting in fresh pages (a validation pass of the MNIST net took
+    about a third less time). In-process runs (``workers=1``) change this process.
     """
     mode = _vectorize_mode(vectorize)
     from tqdm.auto import tqdm
@@ -323,9 +332,12 @@ def run_grid(
         # fewer jobs than workers: give the idle workers' threads to the ones that run
         threads = max(1, (threads or 1) * workers // len(jobs))
         workers = len(jobs)
+    keep_memory = keep_memory and torch.device(device).type == "cpu"
     if workers <= 1:
         if threads:
             torch.set_num_threads(threads)
+        if keep_memory:
+            keep_freed_memory()
 
         class _Direct:
             def put(self, item: tuple) -> None:
@@ -340,7 +352,7 @@ def run_grid(
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_init_worker,
-        initargs=(threads or 1,),
+        initargs=(threads or 1, keep_memory),
     ) as pool:
         events = manager.Queue()
         pending = {
