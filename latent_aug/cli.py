@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import figures
+from .allocator import keep_freed_memory
 
 
 def _positive_int(text: str) -> int:
@@ -24,6 +25,8 @@ def _positive_int(text: str) -> int:
 
 
 def _run_figures(args: argparse.Namespace) -> int:
+    if args.device == "cpu" or args.device.startswith("cpu:"):
+        keep_freed_memory()  # this process trains: reuse freed heap (see latent_aug.allocator)
     written = figures.make_figures(
         dataset=args.dataset,
         data_dir=args.data_dir,
