@@ -263,7 +263,8 @@ def criterion(summary: dict[tuple, dict], min_size: int = 50, tolerance: float =
         losses = [str(s) for s in sizes if (m, s) in cells and ("feed_forward", s) in cells
                   and cells[m, s]["mean"] >= cells["feed_forward", s]["mean"]]
         compared = [s for s in sizes if (m, s) in cells and ("feed_forward", s) in cells]
-        verdict = "yes" if not losses else f"no (not at {', '.join(losses)})"
+        verdict = ("not measured" if not compared else "yes" if not losses
+                   else f"no (not at {', '.join(losses)})")
         lines.append(f"- {m} beats feed_forward at every size measured "
                      f"({len(compared)} sizes): {verdict}")
     outside = []

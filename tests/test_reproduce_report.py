@@ -35,6 +35,15 @@ def test_criterion_names_losses_and_cells_outside_the_tolerance():
     assert "@20" not in text
 
 
+def test_criterion_says_not_measured_for_a_method_that_did_not_run():
+    text = "\n".join(criterion(summarize(rows({("feed_forward", 100): 6.0,
+                                                ("perturb_class_conditional", 100): 4.0}))))
+    assert "proposed_base beats feed_forward at every size measured (0 sizes): not measured" \
+        in text
+    assert "perturb_class_conditional beats feed_forward at every size measured (1 sizes): yes" \
+        in text
+
+
 def test_criterion_is_empty_without_mnist_cells_at_50_or_more():
     assert criterion(summarize(rows({("feed_forward", 10): 20.0}))) == []
 
