@@ -31,8 +31,9 @@ def keep_freed_memory(limit_mib: int = 256) -> bool:
     that) for reuse instead of handing them back to the system.
 
     The process keeps its peak heap (up to ``2 * limit_mib`` MiB of freed memory) instead of
-    shrinking. ``limit_mib`` above 1023 counts as 1023 (``mallopt`` takes a C int). Returns True when glibc accepted both settings, False where there is no glibc
-    ``mallopt`` (then nothing changed)."""
+    shrinking. ``limit_mib`` above 1023 counts as 1023 (``mallopt`` takes a C int). Returns
+    True when glibc accepted both settings, False where there is no glibc ``mallopt`` (then
+    nothing changed)."""
     if limit_mib < 1:
         raise ValueError(f"limit_mib must be >= 1, got {limit_mib}.")
     if not sys.platform.startswith("linux"):
