@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from . import figures
 from .allocator import keep_freed_memory
 
@@ -25,7 +27,7 @@ def _positive_int(text: str) -> int:
 
 
 def _run_figures(args: argparse.Namespace) -> int:
-    if args.device == "cpu" or args.device.startswith("cpu:"):
+    if torch.device(args.device).type == "cpu":
         keep_freed_memory()  # this process trains: reuse freed heap (see latent_aug.allocator)
     written = figures.make_figures(
         dataset=args.dataset,
