@@ -282,8 +282,9 @@ def run_grid(
 
     ``keep_memory`` (CPU only): the processes that train call
     :func:`latent_aug.allocator.keep_freed_memory`, so the per-batch activations reuse freed
-    heap instead of page-faulting in fresh pages (a validation pass of the MNIST net took
-    about a third less time). In-process runs (``workers=1``) change this process.
+    heap instead of page-faulting in fresh pages (a 50-per-class MNIST slice: 78 s instead of
+    101 s, the same rows; ``benchmarks/results/timings.md``). In-process runs (``workers=1``)
+    change this process.
     """
     mode = _vectorize_mode(vectorize)
     from tqdm.auto import tqdm
