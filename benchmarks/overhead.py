@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from latent_aug import MnistNet, wrap
+from latent_aug.allocator import keep_freed_memory
 from latent_aug.decoders import TiedConv
 from latent_aug.files import atomic_write_text
 from latent_aug.grid import device_name
@@ -254,6 +255,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the loss (forward + backward) of both models; the "
                         "warm-up steps include compilation")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="call latent_aug.allocator.keep_freed_memory() first (glibc keeps "
+                        "freed blocks instead of returning them to the system and faulting "
+                        "them in again: what the grid's CPU workers do); both models run "
+                        "in the same process, so it applies to both")
     p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                    metavar="CASE", help=f"any of: {', '.join(CASES)}")
@@ -274,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --device cuda but torch.cuda.is_available() is False.")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("error: --keep-freed-memory needs glibc (mallopt); this C library "
+                         "has none. Run without the flag.")
     rows = []
     for name in args.cases:
         rounds = sorted(
@@ -294,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python benchmarks/overhead.py {' '.join(given)}`",
         f"Device: {device_name(str(device))}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; batch {args.batch}; Adam {args.adam}; "
+        f"{'freed memory kept (keep_freed_memory); ' if args.keep_freed_memory else ''}"
         f"{'compiled loss; ' if args.compile else ''}"
         f"median of {args.repeats} interleaved steps after {args.warmup} warm-up steps, "
         f"median of {args.rounds} round(s); "

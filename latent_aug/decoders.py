@@ -192,6 +192,19 @@ class TiedConv(nn.Module):
             return self._cpu_2d(v, bias, output_padding)
         return self._transpose(v, bias, output_padding)
 
+    def preferred_layout(self, v: Tensor) -> Tensor:
+        """``v`` in the memory layout :meth:`_cpu_2d` runs fastest on (channels_last for
+        oneDNN when the transpose writes several channels, contiguous for the native
+        single-channel kernel), so that the decoder can convert early, before the
+        activations in front of this transpose; unchanged where that path does not run."""
+        if (v.device.type == "cpu" and self.cpu_kernels and v.dim() == 4 and v.shape[0] > 0
+                and self.dims == 2 and self.source.groups == 1):
+            if self.source.in_channels > 1:
+                return v.contiguous(memory_format=torch.channels_last)
+            if v.dtype in (torch.float32, torch.float64):
+                return v.contiguous()
+        return v
+
     def _cpu_2d(self, v: Tensor, bias: Tensor | None, output_padding: tuple[int, ...]) -> Tensor:
         """The same transpose through faster CPU kernels. Measured on the paper's MNIST net
         (benchmarks/results/overhead.md): oneDNN's deconvolution is about 2x slower with a
@@ -204,8 +217,8 @@ class TiedConv(nn.Module):
             v = v.contiguous(memory_format=torch.channels_last)
         elif v.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
             return torch.ops.aten.slow_conv_transpose2d(
-                v, src.weight.to(v.dtype), src.kernel_size, bias, src.stride, self.padding,
-                output_padding, src.dilation,
+                v.contiguous(), src.weight.to(v.dtype), src.kernel_size, bias, src.stride,
+                self.padding, output_padding, src.dilation,
             )
         out = self._transpose(v, None, output_padding)
         return out if bias is None else out + bias.view(-1, 1, 1)
@@ -379,6 +392,30 @@ class ChainOp:
     post: int
 
 
+def _layout_points(built: list[tuple[ChainOp, Kind, nn.Module]]) -> dict[int, TiedConv]:
+    """Where the decoder converts to the memory layout a following :class:`TiedConv` wants.
+
+    On CPU a 2-D tied transpose runs on channels_last input when it writes several channels
+    and on contiguous input when it writes one (:meth:`TiedConv._cpu_2d`), and the gradient
+    it returns for that input comes in the same layout. Converting right before the
+    transpose would leave the activations in front of it saving tensors in the other
+    layout, and their backward (e.g. ``threshold_backward``) would then mix layouts: an
+    elementwise kernel 5-20x slower than on matching ones (measured on the MNIST net's
+    decoder; the native single-channel kernel also runs about 1.8x slower forward on
+    channels_last input). So the conversion happens before the run of activations and
+    identities that precedes the transpose. Returns ``{step position: its TiedConv}``.
+    """
+    points: dict[int, TiedConv] = {}
+    for j, (_, _, step) in enumerate(built):
+        if not (isinstance(step, TiedConv) and step.dims == 2 and step.source.groups == 1):
+            continue
+        i = j
+        while i > 0 and built[i - 1][1] in ("activation", "identity"):
+            i -= 1
+        points[i] = step
+    return points
+
+
 class TiedDecoder(nn.Module):
     """Runs the mirrors of a chain in reverse.
 
@@ -404,12 +441,15 @@ class TiedDecoder(nn.Module):
         affine = [i for i, (_, kind, _) in enumerate(built) if kind == "affine"]
         # tap before every transposed weight layer except the first one run (the top)
         self.taps = {i: built[i][0].post for i in affine[1:]}
+        self.layout_at = _layout_points(built)
 
     def forward(
         self, v: Tensor, vals: list[Tensor], taps: bool = False
     ) -> Tensor | tuple[Tensor, list[tuple[Tensor, int]]]:
         found = []
         for pos, (step, idx) in enumerate(zip(self.steps, self.in_index)):
+            if pos in self.layout_at:
+                v = self.layout_at[pos].preferred_layout(v)
             if taps and pos in self.taps:
                 found.append((v, self.taps[pos]))
             v = step(v, vals[idx] if idx >= 0 else vals[0])

@@ -42,7 +42,11 @@ def test_keep_freed_memory_stops_refaulting_the_same_allocation() -> None:
         pytest.skip(f"this C library does not return freed blocks ({default} faults)")
     applied, kept = _faults("keep")
     assert applied == "True"
-    assert kept < default / 20, (kept, default)
+    # Most of the ten allocations reuse kept pages. Not all of them always: this machine's
+    # kernel runs DAMON with a "pageout" scheme, which now and then pages out a kept idle block,
+    # and one 40 MB block faulted in again is 10,240 faults (seen in about 1 run in 3).
+    per_block = default / 10
+    assert kept <= 2 * per_block, (kept, default)
 
 
 def test_keep_freed_memory_rejects_a_nonpositive_limit() -> None:

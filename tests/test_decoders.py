@@ -112,6 +112,57 @@ def test_tied_conv_cpu_fast_path_matches_the_fused_transpose(
         torch.testing.assert_close(a, b)
 
 
+def _layout(t: Tensor) -> str:
+    if t.dim() != 4 or t.is_contiguous():
+        return "contiguous"
+    return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "other"
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_decoder_activations_see_one_layout_in_their_backward(cpu_kernels: bool):
+    # The CPU transposes want channels_last (several output channels) or contiguous (one)
+    # input; the decoder converts before the activation in front of them, so each ReLU's
+    # backward gets a gradient in the layout of the tensor it saved (mixed layouts run an
+    # elementwise kernel many times slower).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from latent_aug import MnistNet
+
+    seen: list[tuple[str, str]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.threshold_backward.default:
+                seen.append((_layout(args[0]), _layout(args[1])))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = wrap(MnistNet(), split="fc1")
+    for m in model.modules():
+        if isinstance(m, TiedConv):
+            m.cpu_kernels = cpu_kernels
+    x, t = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    logits = model(x)
+    loss = F.cross_entropy(logits, t) + model.aux_loss(t)
+    with Record():
+        loss.backward()
+    decoder_side = [pair for pair in seen if pair[1] == "channels_last"]
+    assert len(seen) == 8  # 4 ReLUs in the encoder, 3 in the input decoder, 1 in g2'
+    assert all(grad == saved for grad, saved in seen), seen
+    assert len(decoder_side) == (2 if cpu_kernels else 0)  # before the 96->64, 64->32 transposes
+
+
+def test_tied_conv_preferred_layout():
+    wide, single = TiedConv(nn.Conv2d(3, 4, 3), bias=True), TiedConv(nn.Conv2d(1, 4, 3), bias=True)
+    v = torch.randn(2, 4, 5, 5)
+    assert wide.preferred_layout(v).is_contiguous(memory_format=torch.channels_last)
+    assert single.preferred_layout(v.contiguous(memory_format=torch.channels_last)).is_contiguous()
+    wide.cpu_kernels = False
+    assert wide.preferred_layout(v) is v
+    assert wide.preferred_layout(v[0]) is not None  # unbatched input passes unchanged
+    assert wide.preferred_layout(v[0]).dim() == 3
+
+
 @pytest.mark.parametrize(
     "conv",
     [nn.Conv2d(2, 3, 4, padding="same"), nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")],

@@ -35,3 +35,10 @@ def test_pair_ratio_is_the_median_of_adjacent_steps():
     assert m.ratio == 2.5
     lo, hi = m.ratio_quartiles
     assert lo <= m.ratio <= hi
+
+
+def test_overhead_keep_freed_memory_is_named_in_the_header(tmp_path):
+    out = tmp_path / "o.md"
+    args = ["--cases", "mnist", "--repeats", "2", "--warmup", "0", "--batch", "4"]
+    assert overhead.main([*args, "--keep-freed-memory", "--write", str(out)]) == 0
+    assert "freed memory kept (keep_freed_memory)" in out.read_text()
