@@ -174,8 +174,24 @@ def count_flops(model: nn.Module, step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+def _late_layouts(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the tied decoders converting memory layout only at each transpose (not
+    before the activations in front of it): the layout handling before 2026-11-28."""
+    decoders = [m for m in model.modules() if hasattr(m, "layout_at")]
+
+    def late() -> None:
+        with setting(decoders, "layout_at", {}):
+            step()
+
+    return late
+
+
 def measure(name: str, case: Case, device: torch.device, batch: int, repeats: int,
-            warmup: int, adam: str = "default", compile: bool = False) -> Measurement:
+            warmup: int, adam: str = "default", compile: bool = False,
+            late_layouts: bool = False) -> list[Measurement]:
+    """One round: plain and wrapped steps alternated (and, with ``late_layouts``, the same
+    wrapped model with late layout conversion as a third step in the same alternation).
+    Returns one :class:`Measurement` per wrapped variant, each against the same plain steps."""
     torch.manual_seed(0)
     plain = case.model().to(device).train()
     torch.manual_seed(0)
@@ -188,6 +204,8 @@ def measure(name: str, case: Case, device: torch.device, batch: int, repeats: in
     t = torch.randint(0, 10, (batch,), generator=g).to(device)
     steps = {"plain": make_step(plain, x, t, False, adam, compile),
              "wrapped": make_step(wrapped, x, t, True, adam, compile)}
+    if late_layouts:
+        steps["late"] = _late_layouts(wrapped, steps["wrapped"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     for _ in range(warmup):
@@ -196,9 +214,9 @@ def measure(name: str, case: Case, device: torch.device, batch: int, repeats: in
     # FLOPs of the eager step (the counter does not see inside compiled code)
     flops = {"plain": count_flops(plain, make_step(plain, x, t, False, adam)),
              "wrapped": count_flops(wrapped, make_step(wrapped, x, t, True, adam))}
-    times: dict[str, list[float]] = {"plain": [], "wrapped": []}
+    times: dict[str, list[float]] = {key: [] for key in steps}
     for r in range(repeats):
-        order = ("plain", "wrapped") if r % 2 == 0 else ("wrapped", "plain")
+        order = list(steps) if r % 2 == 0 else list(steps)[::-1]
         for key in order:
             sync()
             start = time.perf_counter()
@@ -207,16 +225,21 @@ def measure(name: str, case: Case, device: torch.device, batch: int, repeats: in
             times[key].append(time.perf_counter() - start)
     n_plain = sum(p.numel() for p in plain.parameters())
     n_wrapped = sum(p.numel() for p in wrapped.parameters())
-    return Measurement(
-        case=name,
-        mode=case.mode,
-        plain_ms=1e3 * statistics.median(times["plain"]),
-        wrapped_ms=1e3 * statistics.median(times["wrapped"]),
-        plain_gflops=flops["plain"] / 1e9,
-        wrapped_gflops=flops["wrapped"] / 1e9,
-        extra_params=n_wrapped - n_plain,
-        pair_ratios=[w / p for p, w in zip(times["plain"], times["wrapped"])],
-    )
+    modes = {"wrapped": case.mode,
+             "late": case.mode + ", layout converted at each transpose (before 2026-11-28)"}
+    return [
+        Measurement(
+            case=name,
+            mode=modes[key],
+            plain_ms=1e3 * statistics.median(times["plain"]),
+            wrapped_ms=1e3 * statistics.median(times[key]),
+            plain_gflops=flops["plain"] / 1e9,
+            wrapped_gflops=flops["wrapped"] / 1e9,
+            extra_params=n_wrapped - n_plain,
+            pair_ratios=[w / p for p, w in zip(times["plain"], times[key])],
+        )
+        for key in steps if key != "plain"
+    ]
 
 
 def table(rows: list[Measurement]) -> str:
@@ -260,6 +283,10 @@ def parser() -> argparse.ArgumentParser:
                         "freed blocks instead of returning them to the system and faulting "
                         "them in again: what the grid's CPU workers do); both models run "
                         "in the same process, so it applies to both")
+    p.add_argument("--late-layouts", action="store_true",
+                   help="also time the same wrapped model with the tied decoders converting "
+                        "memory layout only at each transpose (the handling before "
+                        "2026-11-28), in the same alternation: a side-by-side A/B")
     p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                    metavar="CASE", help=f"any of: {', '.join(CASES)}")
@@ -285,17 +312,16 @@ def main(argv: list[str] | None = None) -> int:
                          "has none. Run without the flag.")
     rows = []
     for name in args.cases:
-        rounds = sorted(
-            (measure(name, CASES[name], device, args.batch, args.repeats, args.warmup,
-                     args.adam, args.compile)
-             for _ in range(args.rounds)),
-            key=lambda r: r.ratio,
-        )
-        m = rounds[len(rounds) // 2]  # the median round
-        m.round_ratios = [r.ratio for r in rounds]
-        print(f"{name}: plain {m.plain_ms:.1f} ms, wrapped {m.wrapped_ms:.1f} ms, "
-              f"ratio {m.ratio:.2f}, FLOP ratio {m.flop_ratio:.2f}", flush=True)
-        rows.append(m)
+        per_round = [measure(name, CASES[name], device, args.batch, args.repeats, args.warmup,
+                             args.adam, args.compile, args.late_layouts)
+                     for _ in range(args.rounds)]
+        for variant in zip(*per_round):  # one variant's rounds
+            rounds = sorted(variant, key=lambda r: r.ratio)
+            m = rounds[len(rounds) // 2]  # the median round
+            m.round_ratios = [r.ratio for r in rounds]
+            print(f"{name} ({m.mode}): plain {m.plain_ms:.1f} ms, wrapped {m.wrapped_ms:.1f} "
+                  f"ms, ratio {m.ratio:.2f}, FLOP ratio {m.flop_ratio:.2f}", flush=True)
+            rows.append(m)
     given = argv if argv is not None else sys.argv[1:]
     header = [
         "# Training-step overhead: plain vs wrapped",

@@ -42,3 +42,26 @@ def test_overhead_keep_freed_memory_is_named_in_the_header(tmp_path):
     args = ["--cases", "mnist", "--repeats", "2", "--warmup", "0", "--batch", "4"]
     assert overhead.main([*args, "--keep-freed-memory", "--write", str(out)]) == 0
     assert "freed memory kept (keep_freed_memory)" in out.read_text()
+
+
+def test_overhead_late_layouts_adds_a_row_timed_in_the_same_alternation(tmp_path):
+    out = tmp_path / "o.md"
+    args = ["--cases", "mnist", "--repeats", "2", "--warmup", "0", "--batch", "4", "--rounds", "2"]
+    assert overhead.main([*args, "--late-layouts", "--write", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| mnist")]
+    assert len(rows) == 2
+    assert "layout converted at each transpose" in rows[1]
+    assert rows[0].split("|")[3] == rows[1].split("|")[3]  # the same plain steps
+
+
+def test_late_layouts_switches_the_decoders_off_for_the_step_only():
+    from latent_aug import MnistNet, wrap
+
+    model = wrap(MnistNet(), split="fc1")
+    decoder = model.input_decoder
+    assert decoder.layout_at  # the MNIST decoder converts before its ReLUs
+    seen = []
+    late = overhead._late_layouts(model, lambda: seen.append(dict(decoder.layout_at)))
+    late()
+    assert seen == [{}]
+    assert decoder.layout_at  # restored
