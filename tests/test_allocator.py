@@ -22,31 +22,34 @@ applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):  # warm-up: 40 MB blocks, above glibc's mmap threshold
     torch.empty(10 << 20).fill_(1)
-before = faults()
+per_block = []
 for _ in range(10):
+    before = faults()
     torch.empty(10 << 20).fill_(1)
-print(applied, faults() - before)
+    per_block.append(faults() - before)
+print(applied, *per_block)
 """
 
 
-def _faults(mode: str) -> tuple[str, int]:
+def _faults(mode: str) -> tuple[str, list[int]]:
+    """Minor page faults of each of ten 40 MB allocations after a warm-up, in a fresh
+    process with (``"keep"``) or without the setting."""
     out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True,
                          check=True).stdout.split()
-    return out[0], int(out[1])
+    return out[0], [int(n) for n in out[1:]]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt only")
 def test_keep_freed_memory_stops_refaulting_the_same_allocation() -> None:
     _, default = _faults("default")
-    if default < 10 * 2560:  # 10 x 40 MB in 4 KiB pages would be 102,400
+    if min(default) < 2560:  # a 40 MB block in 4 KiB pages is 10,240
         pytest.skip(f"this C library does not return freed blocks ({default} faults)")
     applied, kept = _faults("keep")
     assert applied == "True"
-    # Most of the ten allocations reuse kept pages. Not all of them always: this machine's
-    # kernel runs DAMON with a "pageout" scheme, which now and then pages out a kept idle block,
-    # and one 40 MB block faulted in again is 10,240 faults (seen in about 1 run in 3).
-    per_block = default / 10
-    assert kept <= 2 * per_block, (kept, default)
+    # Most allocations reuse kept pages. Not always all of them: this machine's kernel runs
+    # DAMON with a "pageout" scheme, which now and then pages out a kept idle block (then
+    # that one allocation faults it in again).
+    assert sum(n < 100 for n in kept) >= 6, (kept, default)
 
 
 def test_keep_freed_memory_rejects_a_nonpositive_limit() -> None:
