@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from latent_aug import MnistNet, wrap
 from latent_aug.allocator import keep_freed_memory
-from latent_aug.decoders import TiedConv
+from latent_aug.decoders import TiedConv, TiedDecoder
 from latent_aug.files import atomic_write_text
 from latent_aug.grid import device_name
 
@@ -177,7 +177,7 @@ def count_flops(model: nn.Module, step: Callable[[], None]) -> int:
 def _late_layouts(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with the tied decoders converting memory layout only at each transpose (not
     before the activations in front of it): the layout handling before 2026-11-28."""
-    decoders = [m for m in model.modules() if hasattr(m, "layout_at")]
+    decoders = [m for m in model.modules() if isinstance(m, TiedDecoder)]
 
     def late() -> None:
         with setting(decoders, "layout_at", {}):

@@ -187,25 +187,40 @@ class TiedConv(nn.Module):
             )
         )
         bias = self.bias.to(v.dtype) if self.bias is not None else None
-        batched_2d = self.dims == 2 and v.dim() == 4 and v.shape[0] > 0  # native: no empty batch
-        if v.device.type == "cpu" and self.cpu_kernels and batched_2d and src.groups == 1:
-            return self._cpu_2d(v, bias, output_padding)
-        return self._transpose(v, bias, output_padding)
+        kernel = self._cpu_kernel(v)
+        if kernel is None:
+            return self._transpose(v, bias, output_padding)
+        return self._cpu_2d(v, bias, output_padding, kernel)
+
+    def _cpu_kernel(self, v: Tensor) -> Literal["channels_last", "native", "onednn"] | None:
+        """Which CPU path :meth:`forward` takes for ``v`` (the one place that decides):
+        ``"channels_last"`` (oneDNN on channels_last input, several output channels),
+        ``"native"`` (PyTorch's kernel, one output channel, float32/64, eager), ``"onednn"``
+        (one output channel otherwise), or None (the generic transpose, bias fused)."""
+        src = self.source
+        if not (v.device.type == "cpu" and self.cpu_kernels and self.dims == 2 and v.dim() == 4
+                and v.shape[0] > 0 and src.groups == 1):  # native kernel: no empty batch
+            return None
+        if src.in_channels > 1:
+            return "channels_last"
+        if v.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+            return "native"
+        return "onednn"
 
     def preferred_layout(self, v: Tensor) -> Tensor:
         """``v`` in the memory layout :meth:`_cpu_2d` runs fastest on (channels_last for
         oneDNN when the transpose writes several channels, contiguous for the native
         single-channel kernel), so that the decoder can convert early, before the
         activations in front of this transpose; unchanged where that path does not run."""
-        if (v.device.type == "cpu" and self.cpu_kernels and v.dim() == 4 and v.shape[0] > 0
-                and self.dims == 2 and self.source.groups == 1):
-            if self.source.in_channels > 1:
-                return v.contiguous(memory_format=torch.channels_last)
-            if v.dtype in (torch.float32, torch.float64):
-                return v.contiguous()
+        kernel = self._cpu_kernel(v)
+        if kernel == "channels_last":
+            return v.contiguous(memory_format=torch.channels_last)
+        if kernel == "native":
+            return v.contiguous()
         return v
 
-    def _cpu_2d(self, v: Tensor, bias: Tensor | None, output_padding: tuple[int, ...]) -> Tensor:
+    def _cpu_2d(self, v: Tensor, bias: Tensor | None, output_padding: tuple[int, ...],
+                kernel: Literal["channels_last", "native", "onednn"]) -> Tensor:
         """The same transpose through faster CPU kernels. Measured on the paper's MNIST net
         (benchmarks/results/overhead.md): oneDNN's deconvolution is about 2x slower with a
         fused bias than without, faster on channels_last input when it writes several
@@ -213,13 +228,13 @@ class TiedConv(nn.Module):
         grayscale input layer). The native kernel has no symbolic-shape support, so not
         under torch.compile."""
         src = self.source
-        if src.in_channels > 1:
-            v = v.contiguous(memory_format=torch.channels_last)
-        elif v.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        if kernel == "native":
             return torch.ops.aten.slow_conv_transpose2d(
                 v.contiguous(), src.weight.to(v.dtype), src.kernel_size, bias, src.stride,
                 self.padding, output_padding, src.dilation,
             )
+        if kernel == "channels_last":
+            v = v.contiguous(memory_format=torch.channels_last)
         out = self._transpose(v, None, output_padding)
         return out if bias is None else out + bias.view(-1, 1, 1)
 
@@ -407,7 +422,7 @@ def _layout_points(built: list[tuple[ChainOp, Kind, nn.Module]]) -> dict[int, Ti
     """
     points: dict[int, TiedConv] = {}
     for j, (_, _, step) in enumerate(built):
-        if not (isinstance(step, TiedConv) and step.dims == 2 and step.source.groups == 1):
+        if not isinstance(step, TiedConv):  # the TiedConv decides at run time (_cpu_kernel)
             continue
         i = j
         while i > 0 and built[i - 1][1] in ("activation", "identity"):
