@@ -164,8 +164,9 @@ def setting(modules: list[nn.Module], attribute: str, value: object) -> Iterator
 
 def count_flops(model: nn.Module, step: Callable[[], None]) -> int:
     """FLOPs of one step. timm attention runs its explicit matmul path (the fused kernel is
-    invisible to the counter) and tied transposes run ``conv_transposeNd`` (the counter does
-    not know the native ``slow_conv_transpose2d`` the CPU path may pick); same arithmetic."""
+    invisible to the counter) and tied transposes run ``conv_transposeNd`` (the counter
+    would see the phase kernel's forward product but not the convolutions of its custom
+    backward); the same arithmetic."""
     attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
     transposes = [m for m in model.modules() if isinstance(m, TiedConv)]
     with setting(attention, "fused_attn", False), setting(transposes, "cpu_kernels", False), \
@@ -186,12 +187,53 @@ def _late_layouts(model: nn.Module, step: Callable[[], None]) -> Callable[[], No
     return late
 
 
+def _native_single_channel(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with every single-channel tied transpose run as before 2026-11-28 13:00 UTC:
+    PyTorch's native ``slow_conv_transpose2d`` on contiguous input (converted before the
+    activations in front of it), instead of :mod:`latent_aug.transpose`'s phase kernel."""
+    singles = [m for m in model.modules() if isinstance(m, TiedConv)
+               and m.source.in_channels == 1 and m.dims == 2]
+
+    def native_2d(conv: TiedConv) -> Callable[..., Tensor]:
+        def run(v: Tensor, bias: Tensor | None, output_padding: tuple[int, ...],
+                kernel: str) -> Tensor:
+            src = conv.source
+            return torch.ops.aten.slow_conv_transpose2d(
+                v.contiguous(), src.weight.to(v.dtype), src.kernel_size, bias, src.stride,
+                conv.padding, output_padding, src.dilation)
+        return run
+
+    def native() -> None:
+        for conv in singles:  # instance attributes shadow the methods for this step only
+            conv._cpu_2d = native_2d(conv)
+            conv.preferred_layout = lambda v: v.contiguous()
+        try:
+            step()
+        finally:
+            for conv in singles:
+                del conv._cpu_2d, conv.preferred_layout
+
+    return native
+
+
+#: Earlier decoder handlings ``--compare`` can time beside the current one:
+#: ``name: (step wrapper, row label)``.
+VARIANTS = {
+    "late-layouts": (_late_layouts,
+                     "layout converted at each transpose (before 2026-11-28 10:00 UTC)"),
+    "native-single-channel": (_native_single_channel,
+                              "single-channel transpose by the native kernel on contiguous "
+                              "input (before 2026-11-28 13:00 UTC)"),
+}
+
+
 def measure(name: str, case: Case, device: torch.device, batch: int, repeats: int,
             warmup: int, adam: str = "default", compile: bool = False,
-            late_layouts: bool = False) -> list[Measurement]:
-    """One round: plain and wrapped steps alternated (and, with ``late_layouts``, the same
-    wrapped model with late layout conversion as a third step in the same alternation).
-    Returns one :class:`Measurement` per wrapped variant, each against the same plain steps."""
+            compare: tuple[str, ...] = ()) -> list[Measurement]:
+    """One round: plain and wrapped steps alternated (and, for each name of ``compare``
+    (:data:`VARIANTS`), the same wrapped model with that earlier handling as one more step
+    in the same alternation). Returns one :class:`Measurement` per wrapped variant, each
+    against the same plain steps."""
     torch.manual_seed(0)
     plain = case.model().to(device).train()
     torch.manual_seed(0)
@@ -204,8 +246,8 @@ def measure(name: str, case: Case, device: torch.device, batch: int, repeats: in
     t = torch.randint(0, 10, (batch,), generator=g).to(device)
     steps = {"plain": make_step(plain, x, t, False, adam, compile),
              "wrapped": make_step(wrapped, x, t, True, adam, compile)}
-    if late_layouts:
-        steps["late"] = _late_layouts(wrapped, steps["wrapped"])
+    for variant in compare:
+        steps[variant] = VARIANTS[variant][0](wrapped, steps["wrapped"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     for _ in range(warmup):
@@ -225,8 +267,8 @@ def measure(name: str, case: Case, device: torch.device, batch: int, repeats: in
             times[key].append(time.perf_counter() - start)
     n_plain = sum(p.numel() for p in plain.parameters())
     n_wrapped = sum(p.numel() for p in wrapped.parameters())
-    modes = {"wrapped": case.mode,
-             "late": case.mode + ", layout converted at each transpose (before 2026-11-28)"}
+    modes = {"wrapped": case.mode} | {
+        key: f"{case.mode}, {label}" for key, (_, label) in VARIANTS.items()}
     return [
         Measurement(
             case=name,
@@ -283,10 +325,14 @@ def parser() -> argparse.ArgumentParser:
                         "freed blocks instead of returning them to the system and faulting "
                         "them in again: what the grid's CPU workers do); both models run "
                         "in the same process, so it applies to both")
-    p.add_argument("--late-layouts", action="store_true",
-                   help="also time the same wrapped model with the tied decoders converting "
-                        "memory layout only at each transpose (the handling before "
-                        "2026-11-28), in the same alternation: a side-by-side A/B")
+    p.add_argument("--compare", nargs="+", choices=list(VARIANTS), default=[],
+                   metavar="VARIANT",
+                   help="also time the same wrapped model with an earlier decoder handling, "
+                        "in the same alternation (a side-by-side A/B): late-layouts (layout "
+                        "converted only at each transpose), native-single-channel (PyTorch's "
+                        "native kernel for a single-channel transpose)")
+    p.add_argument("--late-layouts", action="append_const", dest="compare",
+                   const="late-layouts", help="same as --compare late-layouts")
     p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                    metavar="CASE", help=f"any of: {', '.join(CASES)}")
@@ -313,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.cases:
         per_round = [measure(name, CASES[name], device, args.batch, args.repeats, args.warmup,
-                             args.adam, args.compile, args.late_layouts)
+                             args.adam, args.compile, tuple(dict.fromkeys(args.compare)))
                      for _ in range(args.rounds)]
         for variant in zip(*per_round):  # one variant's rounds
             rounds = sorted(variant, key=lambda r: r.ratio)

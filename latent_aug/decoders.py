@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UnsupportedLayerError
+from .transpose import phase_conv_transpose2d
 
 Kind = Literal["affine", "activation", "identity", "reshape", "pool"]
 
@@ -158,8 +159,9 @@ class TiedConv(nn.Module):
     """Transposed convolution with the encoder's own weight; output size = recorded input size.
 
     ``cpu_kernels`` (default True) lets the CPU path pick faster kernels for 2-D transposes
-    (channels_last input, or PyTorch's native kernel for single-channel output); set it False
-    where they are not allowed (inside ``vmap``, as :mod:`latent_aug.vectorized` does).
+    (channels_last input, or :func:`latent_aug.transpose.phase_conv_transpose2d` for
+    single-channel output); set it False where they are not allowed (inside ``vmap``, as
+    :mod:`latent_aug.vectorized` does).
     """
 
     cpu_kernels = True
@@ -192,47 +194,49 @@ class TiedConv(nn.Module):
             return self._transpose(v, bias, output_padding)
         return self._cpu_2d(v, bias, output_padding, kernel)
 
-    def _cpu_kernel(self, v: Tensor) -> Literal["channels_last", "native", "onednn"] | None:
+    def _cpu_kernel(self, v: Tensor) -> Literal["channels_last", "phase", "onednn"] | None:
         """Which CPU path :meth:`forward` takes for ``v`` (the one place that decides):
         ``"channels_last"`` (oneDNN on channels_last input, several output channels),
-        ``"native"`` (PyTorch's kernel, one output channel, float32/64, eager), ``"onednn"``
-        (one output channel otherwise), or None (the generic transpose, bias fused)."""
+        ``"phase"`` (:func:`~latent_aug.transpose.phase_conv_transpose2d`, one output
+        channel, dilation 1, float32/64, eager), ``"onednn"`` (one output channel otherwise),
+        or None (the generic transpose, bias fused)."""
         src = self.source
         if not (v.device.type == "cpu" and self.cpu_kernels and self.dims == 2 and v.dim() == 4
-                and v.shape[0] > 0 and src.groups == 1):  # native kernel: no empty batch
+                and v.shape[0] > 0 and src.groups == 1):  # oneDNN: no empty batch
             return None
         if src.in_channels > 1:
             return "channels_last"
-        if v.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
-            return "native"
+        if (v.dtype in (torch.float32, torch.float64) and tuple(src.dilation) == (1, 1)
+                and not torch.compiler.is_compiling()):  # a custom autograd.Function: eager
+            return "phase"
         return "onednn"
 
     def preferred_layout(self, v: Tensor) -> Tensor:
         """``v`` in the memory layout :meth:`_cpu_2d` runs fastest on (channels_last for
-        oneDNN when the transpose writes several channels, contiguous for the native
-        single-channel kernel), so that the decoder can convert early, before the
-        activations in front of this transpose; unchanged where that path does not run."""
-        kernel = self._cpu_kernel(v)
-        if kernel == "channels_last":
+        both oneDNN when the transpose writes several channels and the phase kernel), so
+        that the decoder can convert early, before the activations in front of this
+        transpose; unchanged where neither path runs."""
+        if self._cpu_kernel(v) in ("channels_last", "phase"):
             return v.contiguous(memory_format=torch.channels_last)
-        if kernel == "native":
-            return v.contiguous()
         return v
 
     def _cpu_2d(self, v: Tensor, bias: Tensor | None, output_padding: tuple[int, ...],
-                kernel: Literal["channels_last", "native", "onednn"]) -> Tensor:
+                kernel: Literal["channels_last", "phase", "onednn"]) -> Tensor:
         """The same transpose through faster CPU kernels. Measured on the paper's MNIST net
         (benchmarks/results/overhead.md): oneDNN's deconvolution is about 2x slower with a
-        fused bias than without, faster on channels_last input when it writes several
-        channels, and 2-4x slower than PyTorch's native kernel when it writes one (a
-        grayscale input layer). The native kernel has no symbolic-shape support, so not
-        under torch.compile."""
+        fused bias than without, and faster on channels_last input when it writes several
+        channels; when it writes one (a grayscale input layer) the phase kernel of
+        :mod:`latent_aug.transpose` is faster than both oneDNN and PyTorch's native kernel
+        and needs no layout conversion."""
         src = self.source
-        if kernel == "native":
-            return torch.ops.aten.slow_conv_transpose2d(
-                v.contiguous(), src.weight.to(v.dtype), src.kernel_size, bias, src.stride,
-                self.padding, output_padding, src.dilation,
+        if kernel == "phase":
+            out_size = tuple(
+                (n - 1) * s - 2 * p + k + op
+                for n, s, p, k, op in zip(v.shape[-2:], src.stride, self.padding,
+                                          src.kernel_size, output_padding)
             )
+            return phase_conv_transpose2d(v, src.weight.to(v.dtype), bias, src.stride,
+                                          self.padding, out_size)
         if kernel == "channels_last":
             v = v.contiguous(memory_format=torch.channels_last)
         out = self._transpose(v, None, output_padding)
@@ -410,15 +414,13 @@ class ChainOp:
 def _layout_points(built: list[tuple[ChainOp, Kind, nn.Module]]) -> dict[int, TiedConv]:
     """Where the decoder converts to the memory layout a following :class:`TiedConv` wants.
 
-    On CPU a 2-D tied transpose runs on channels_last input when it writes several channels
-    and on contiguous input when it writes one (:meth:`TiedConv._cpu_2d`), and the gradient
-    it returns for that input comes in the same layout. Converting right before the
-    transpose would leave the activations in front of it saving tensors in the other
-    layout, and their backward (e.g. ``threshold_backward``) would then mix layouts: an
-    elementwise kernel 5-20x slower than on matching ones (measured on the MNIST net's
-    decoder; the native single-channel kernel also runs about 1.8x slower forward on
-    channels_last input). So the conversion happens before the run of activations and
-    identities that precedes the transpose. Returns ``{step position: its TiedConv}``.
+    On CPU a 2-D tied transpose runs on channels_last input (:meth:`TiedConv._cpu_2d`),
+    and the gradient it returns for that input comes in the same layout. Converting right
+    before the transpose would leave the activations in front of it saving tensors in the
+    other layout, and their backward (e.g. ``threshold_backward``) would then mix layouts:
+    an elementwise kernel 5-20x slower than on matching ones (measured on the MNIST net's
+    decoder). So the conversion happens before the run of activations and identities that
+    precedes the transpose. Returns ``{step position: its TiedConv}``.
     """
     points: dict[int, TiedConv] = {}
     for j, (_, _, step) in enumerate(built):

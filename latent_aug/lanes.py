@@ -187,7 +187,7 @@ class LaneTrainer:
                               "(buffers or state outside its parameters).")
         for module in self.template.modules():
             if isinstance(module, TiedConv):
-                module.cpu_kernels = False  # vmap: no channels_last clone, no native kernel
+                module.cpu_kernels = False  # vmap: no channels_last clone, no phase kernel
         self.loss_module = _TrainLoss(self.template)
         named = list(self.loss_module.named_parameters())
         self.names = [n for n, _ in named]

@@ -128,7 +128,7 @@ def train_runs_vectorized(
         raise ConfigError(f"Method {spec0.method!r} cannot be vectorized (buffers/state).")
     for module in models[0].modules():
         if isinstance(module, TiedConv):
-            module.cpu_kernels = False  # vmap: no channels_last clone, no native-kernel rule
+            module.cpu_kernels = False  # vmap: no channels_last clone, no custom autograd.Function
     loss_module = _TrainLoss(models[0])
     names = [name for name, _ in loss_module.named_parameters()]
     params = {

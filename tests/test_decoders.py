@@ -92,7 +92,7 @@ def test_tied_conv_cpu_fast_path_matches_the_fused_transpose(
     cpu_kernels: bool, batched: bool | str, out_channels: int
 ):
     # On CPU the bias is added after the transpose, 4-D input may go channels_last, and a
-    # single-channel output uses the native kernel (speed); values and gradients must equal one
+    # single-channel output uses the phase kernel (speed); values and gradients must equal one
     # conv_transpose2d call with the bias fused.
     conv = nn.Conv2d(out_channels, 4, 3, stride=2, padding=1)
     dec = TiedConv(conv, bias=True)
@@ -149,14 +149,17 @@ def test_decoder_activations_see_one_layout_in_their_backward(cpu_kernels: bool)
     decoder_side = [pair for pair in seen if pair[1] == "channels_last"]
     assert len(seen) == 8  # 4 ReLUs in the encoder, 3 in the input decoder, 1 in g2'
     assert all(grad == saved for grad, saved in seen), seen
-    assert len(decoder_side) == (2 if cpu_kernels else 0)  # before the 96->64, 64->32 transposes
+    # before the 96->64, 64->32 and 32->1 transposes (all three run on channels_last input)
+    assert len(decoder_side) == (3 if cpu_kernels else 0)
 
 
 def test_tied_conv_preferred_layout():
     wide, single = TiedConv(nn.Conv2d(3, 4, 3), bias=True), TiedConv(nn.Conv2d(1, 4, 3), bias=True)
     v = torch.randn(2, 4, 5, 5)
     assert wide.preferred_layout(v).is_contiguous(memory_format=torch.channels_last)
-    assert single.preferred_layout(v.contiguous(memory_format=torch.channels_last)).is_contiguous()
+    assert single.preferred_layout(v).is_contiguous(memory_format=torch.channels_last)
+    assert single.preferred_layout(v.double()).is_contiguous(memory_format=torch.channels_last)
+    assert single.preferred_layout(v.half()).is_contiguous()  # oneDNN path: left as it is
     wide.cpu_kernels = False
     assert wide.preferred_layout(v) is v
     assert wide.preferred_layout(v[0]) is not None  # unbatched input passes unchanged

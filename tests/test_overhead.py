@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import overhead  # noqa: E402
@@ -67,3 +68,45 @@ def test_late_layouts_switches_the_decoders_off_for_the_step_only():
     late()
     assert seen == [{}]
     assert decoder.layout_at  # restored
+
+
+def test_native_single_channel_variant_swaps_the_kernel_for_the_step_only():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from latent_aug import MnistNet, wrap
+
+    called: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.slow_conv_transpose2d.default:
+                called.append("native")
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = wrap(MnistNet(), split="fc1").train()
+    x, t = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    outputs = []
+
+    def step() -> None:
+        with Record():
+            model(x)
+            outputs.append(model.losses(t).recon_input.detach())
+
+    overhead.VARIANTS["native-single-channel"][0](model, step)()
+    assert called == ["native"]
+    step()
+    assert called == ["native"]  # the current step runs the phase kernel
+    torch.testing.assert_close(outputs[0], outputs[1])  # the same transpose
+    single = model.input_decoder.layout_at[min(model.input_decoder.layout_at)]
+    assert "_cpu_2d" not in vars(single) and "preferred_layout" not in vars(single)
+
+
+def test_overhead_compare_rows_are_labelled(tmp_path):
+    out = tmp_path / "o.md"
+    args = ["--cases", "mnist", "--repeats", "2", "--warmup", "0", "--batch", "4"]
+    assert overhead.main([*args, "--compare", "native-single-channel", "late-layouts",
+                          "--write", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| mnist")]
+    assert [("native kernel" in r, "each transpose" in r) for r in rows] == [
+        (False, False), (True, False), (False, True)]  # in the order asked
