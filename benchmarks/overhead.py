@@ -188,9 +188,9 @@ def _late_layouts(model: nn.Module, step: Callable[[], None]) -> Callable[[], No
 
 
 def _native_single_channel(model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` with every single-channel tied transpose run as before 2026-11-28 13:00 UTC:
-    PyTorch's native ``slow_conv_transpose2d`` on contiguous input (converted before the
-    activations in front of it), instead of :mod:`latent_aug.transpose`'s phase kernel."""
+    """``step`` with every single-channel tied transpose run as before commit 0ac8476
+    (2026-11-28): PyTorch's native ``slow_conv_transpose2d`` on contiguous input (converted
+    before the activations in front of it), not :mod:`latent_aug.transpose`'s phase kernel."""
     singles = [m for m in model.modules() if isinstance(m, TiedConv)
                and m.source.in_channels == 1 and m.dims == 2]
 
@@ -223,7 +223,7 @@ VARIANTS = {
                      "layout converted at each transpose (before 2026-11-28 10:00 UTC)"),
     "native-single-channel": (_native_single_channel,
                               "single-channel transpose by the native kernel on contiguous "
-                              "input (before 2026-11-28 13:00 UTC)"),
+                              "input (before commit 0ac8476)"),
 }
 
 
