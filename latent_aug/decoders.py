@@ -240,7 +240,9 @@ class TiedConv(nn.Module):
         if kernel == "channels_last":
             v = v.contiguous(memory_format=torch.channels_last)
         out = self._transpose(v, None, output_padding)
-        return out if bias is None else out + bias.view(-1, 1, 1)
+        # in place: the transpose's backward does not read its output, and a fresh buffer
+        # for the sum would be one more page-faulted hidden layer per step
+        return out if bias is None else out.add_(bias.view(-1, 1, 1))
 
     def _transpose(self, v: Tensor, bias: Tensor | None, output_padding: tuple[int, ...]) -> Tensor:
         src = self.source
