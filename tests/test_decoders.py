@@ -157,6 +157,8 @@ def test_tied_conv_preferred_layout():
     wide, single = TiedConv(nn.Conv2d(3, 4, 3), bias=True), TiedConv(nn.Conv2d(1, 4, 3), bias=True)
     v = torch.randn(2, 4, 5, 5)
     assert wide.preferred_layout(v).is_contiguous(memory_format=torch.channels_last)
+    kernels = [single._cpu_kernel(t) for t in (v, v.double(), v.half())]
+    assert kernels == ["phase", "phase", "onednn"]
     assert single.preferred_layout(v).is_contiguous(memory_format=torch.channels_last)
     assert single.preferred_layout(v.double()).is_contiguous(memory_format=torch.channels_last)
     assert single.preferred_layout(v.half()).is_contiguous()  # oneDNN path: left as it is

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
 from latent_aug.transpose import phase_conv_transpose2d
@@ -73,3 +75,28 @@ def test_phase_transpose_rejects_other_ranks():
     with pytest.raises(ValueError, match="4-D"):
         phase_conv_transpose2d(torch.randn(2, 3, 4), torch.randn(2, 1, 3, 3), None,
                                (2, 2), (1, 1), (8, 8))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    c_in=st.integers(1, 4), c_out=st.integers(1, 3), h=st.integers(1, 6), w=st.integers(1, 6),
+    kh=st.integers(1, 5), kw=st.integers(1, 5), sh=st.integers(1, 3), sw=st.integers(1, 3),
+    data=st.data(),
+)
+def test_phase_transpose_matches_conv_transpose2d_on_random_geometry(
+    c_in, c_out, h, w, kh, kw, sh, sw, data
+):
+    # any padding below the kernel and any output padding below the stride (what
+    # conv_transpose2d accepts), including outputs the phases only partly cover
+    ph, pw = data.draw(st.integers(0, kh - 1)), data.draw(st.integers(0, kw - 1))
+    oph, opw = data.draw(st.integers(0, sh - 1)), data.draw(st.integers(0, sw - 1))
+    ho, wo = (h - 1) * sh - 2 * ph + kh + oph, (w - 1) * sw - 2 * pw + kw + opw
+    assume(ho > 0 and wo > 0)
+    v, weight, bias = _inputs(c_in, c_out, h, w, (kh, kw))
+    ref = F.conv_transpose2d(v, weight, bias, (sh, sw), (ph, pw), (oph, opw))
+    out = phase_conv_transpose2d(v, weight, bias, (sh, sw), (ph, pw), (ho, wo))
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (v, weight, bias), g),
+                    torch.autograd.grad(ref, (v, weight, bias), g)):
+        torch.testing.assert_close(a, b)
