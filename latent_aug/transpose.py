@@ -1,4 +1,4 @@
-"""A CPU transposed convolution for layers that write few channels (a grayscale input layer).
+"""A CPU transposed convolution for layers that write one channel (a grayscale input layer).
 
 The tied decoder's last step maps the first hidden layer back to the image: a transposed
 convolution whose output has one channel. oneDNN's deconvolution runs it 2-4x slower than
@@ -36,7 +36,7 @@ def _taps(kernel: int, stride: int, padding: int) -> list[tuple[int, int]]:
 
 def _tap_windows(taps_h, taps_w, h: int, w: int, planes_h: int, planes_w: int):
     """For each tap ``(a, b)``: its phase ``(rh, rw)``, the plane window it writes and the
-    input window it reads (``None`` where the tap reaches no output pixel)."""
+    input window it reads; a tap that reaches no output pixel is left out."""
     for a, (dh, rh) in enumerate(taps_h):
         m0, m1 = max(0, dh), min(planes_h, h + dh)  # plane row m reads input row m - dh
         if m1 <= m0:
@@ -60,17 +60,23 @@ class _PhaseTranspose2d(torch.autograd.Function):
         planes_h, planes_w = -(-ho // sh), -(-wo // sw)
         rows = v.permute(0, 2, 3, 1).reshape(b * h * w, c_in)  # a view: v is channels_last
         cols = (rows @ weight.reshape(c_in, c_out * kh * kw)).view(b, h, w, c_out, kh, kw)
-        out = v.new_zeros(b, planes_h, sh, planes_w, sw, c_out)
+        # (B, C_out, Ho', Wo') channels_last, covering whole phases; written through a
+        # (B, plane row, phase row, plane column, phase column, C_out) view of its memory
+        full = torch.empty((b, c_out, planes_h * sh, planes_w * sw), dtype=cols.dtype,
+                           device=v.device, memory_format=torch.channels_last).zero_()
+        phases = full.permute(0, 2, 3, 1).view(b, planes_h, sh, planes_w, sw, c_out)
         windows = _tap_windows(_taps(kh, sh, padding[0]), _taps(kw, sw, padding[1]),
                                h, w, planes_h, planes_w)
         for i, j, rh, rw, (mo, no), (mi, ni) in windows:
-            out[:, mo, rh, no, rw] += cols[:, mi, ni, :, i, j]
-        out = out.view(b, planes_h * sh, planes_w * sw, c_out)[:, :ho, :wo]
+            phases[:, mo, rh, no, rw] += cols[:, mi, ni, :, i, j]
+        out = full
+        if full.shape[-2:] != (ho, wo):  # a copy, so that the output is never a view
+            out = full[:, :, :ho, :wo].contiguous(memory_format=torch.channels_last)
         if bias is not None:
-            out = out + bias
+            out += bias.view(-1, 1, 1)
         ctx.save_for_backward(v, weight)
         ctx.conv = (stride, padding, bias is not None)
-        return out.permute(0, 3, 1, 2)  # (B, C_out, Ho, Wo), channels_last strides
+        return out  # (B, C_out, Ho, Wo), channels_last
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -99,7 +105,8 @@ def phase_conv_transpose2d(v: Tensor, weight: Tensor, bias: Tensor | None,
                            out_size: tuple[int, int]) -> Tensor:
     """``conv_transpose2d(v, weight, bias, stride, padding, output_padding)`` with the
     output size ``out_size`` given directly; ``v: (B, C_in, H, W)`` (made channels_last),
-    ``weight: (C_in, C_out, kh, kw)``, dilation 1, groups 1. Differentiable once."""
+    ``weight: (C_in, C_out, kh, kw)``, dilation 1, groups 1. The output is channels_last;
+    twice differentiable (the backward is made of differentiable convolutions)."""
     if v.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"phase_conv_transpose2d needs 4-D v and weight, got {v.dim()}-D "
                          f"and {weight.dim()}-D.")

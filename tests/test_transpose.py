@@ -100,3 +100,16 @@ def test_phase_transpose_matches_conv_transpose2d_on_random_geometry(
     for a, b in zip(torch.autograd.grad(out, (v, weight, bias), g),
                     torch.autograd.grad(ref, (v, weight, bias), g)):
         torch.testing.assert_close(a, b)
+
+
+def test_phase_transpose_output_can_be_changed_in_place():
+    # the output is a tensor of its own, not a view made inside the autograd.Function
+    # (autograd forbids in-place changes to those), also when the phases overhang the size
+    for out_size, out_pad in (((14, 12), (1, 1)), ((13, 11), (0, 0))):
+        v, weight, bias = _inputs(5, 1, 7, 6, (3, 3))
+        out = phase_conv_transpose2d(v, weight, bias, (2, 2), (1, 1), out_size)
+        ref = F.conv_transpose2d(v, weight, bias, 2, 1, out_pad)
+        out.relu_()
+        torch.testing.assert_close(out, ref.relu())
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), v)[0],
+                                   torch.autograd.grad(ref.relu().sum(), v)[0])
