@@ -32,9 +32,8 @@ def _inputs(c_in, c_out, h, w, kernel, dtype=torch.float64):
     return v, weight, bias
 
 
-@pytest.mark.parametrize("name", list(GEOMETRIES))
-def test_phase_transpose_equals_conv_transpose2d(name: str):
-    c_in, c_out, h, w, kernel, stride, padding, out_pad = GEOMETRIES[name]
+def _assert_matches_conv_transpose2d(c_in, c_out, h, w, kernel, stride, padding, out_pad):
+    """Values and the gradients of input, weight and bias equal conv_transpose2d's."""
     v, weight, bias = _inputs(c_in, c_out, h, w, kernel)
     ref = F.conv_transpose2d(v, weight, bias, stride, padding, out_pad)
     out = phase_conv_transpose2d(v, weight, bias, stride, padding, tuple(ref.shape[-2:]))
@@ -43,6 +42,12 @@ def test_phase_transpose_equals_conv_transpose2d(name: str):
     for a, b in zip(torch.autograd.grad(out, (v, weight, bias), g),
                     torch.autograd.grad(ref, (v, weight, bias), g)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_phase_transpose_equals_conv_transpose2d(name: str):
+    c_in, c_out, h, w, kernel, stride, padding, out_pad = GEOMETRIES[name]
+    _assert_matches_conv_transpose2d(c_in, c_out, h, w, kernel, stride, padding, out_pad)
 
 
 def test_phase_transpose_without_bias_and_in_float32():
@@ -92,14 +97,7 @@ def test_phase_transpose_matches_conv_transpose2d_on_random_geometry(
     oph, opw = data.draw(st.integers(0, sh - 1)), data.draw(st.integers(0, sw - 1))
     ho, wo = (h - 1) * sh - 2 * ph + kh + oph, (w - 1) * sw - 2 * pw + kw + opw
     assume(ho > 0 and wo > 0)
-    v, weight, bias = _inputs(c_in, c_out, h, w, (kh, kw))
-    ref = F.conv_transpose2d(v, weight, bias, (sh, sw), (ph, pw), (oph, opw))
-    out = phase_conv_transpose2d(v, weight, bias, (sh, sw), (ph, pw), (ho, wo))
-    torch.testing.assert_close(out, ref)
-    g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, (v, weight, bias), g),
-                    torch.autograd.grad(ref, (v, weight, bias), g)):
-        torch.testing.assert_close(a, b)
+    _assert_matches_conv_transpose2d(c_in, c_out, h, w, (kh, kw), (sh, sw), (ph, pw), (oph, opw))
 
 
 def test_phase_transpose_output_can_be_changed_in_place():
