@@ -230,13 +230,8 @@ class TiedConv(nn.Module):
         and needs no layout conversion."""
         src = self.source
         if kernel == "phase":
-            out_size = tuple(
-                (n - 1) * s - 2 * p + k + op
-                for n, s, p, k, op in zip(v.shape[-2:], src.stride, self.padding,
-                                          src.kernel_size, output_padding)
-            )
             return phase_conv_transpose2d(v, src.weight.to(v.dtype), bias, src.stride,
-                                          self.padding, out_size)
+                                          self.padding, output_padding)
         if kernel == "channels_last":
             v = v.contiguous(memory_format=torch.channels_last)
         out = self._transpose(v, None, output_padding)

@@ -102,14 +102,15 @@ class _PhaseTranspose2d(torch.autograd.Function):
 
 def phase_conv_transpose2d(v: Tensor, weight: Tensor, bias: Tensor | None,
                            stride: tuple[int, int], padding: tuple[int, int],
-                           out_size: tuple[int, int]) -> Tensor:
-    """``conv_transpose2d(v, weight, bias, stride, padding, output_padding)`` with the
-    output size ``out_size`` given directly; ``v: (B, C_in, H, W)`` (made channels_last),
-    ``weight: (C_in, C_out, kh, kw)``, dilation 1, groups 1. The output is channels_last;
-    twice differentiable (the backward is made of differentiable convolutions)."""
+                           output_padding: tuple[int, int]) -> Tensor:
+    """``conv_transpose2d(v, weight, bias, stride, padding, output_padding)`` for
+    ``v: (B, C_in, H, W)`` (made channels_last) and ``weight: (C_in, C_out, kh, kw)``,
+    dilation 1, groups 1. The output is channels_last; twice differentiable (the backward is
+    made of differentiable convolutions)."""
     if v.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"phase_conv_transpose2d needs 4-D v and weight, got {v.dim()}-D "
                          f"and {weight.dim()}-D.")
+    out_size = tuple((n - 1) * s - 2 * p + k + op for n, s, p, k, op in zip(
+        v.shape[-2:], stride, padding, weight.shape[-2:], output_padding))
     v = v.contiguous(memory_format=torch.channels_last)
-    return _PhaseTranspose2d.apply(v, weight, bias, tuple(stride), tuple(padding),
-                                   tuple(out_size))
+    return _PhaseTranspose2d.apply(v, weight, bias, tuple(stride), tuple(padding), out_size)
