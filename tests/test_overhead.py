@@ -74,6 +74,7 @@ def test_native_single_channel_variant_swaps_the_kernel_for_the_step_only():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from latent_aug import MnistNet, wrap
+    from latent_aug.decoders import TiedConv
 
     called: list[str] = []
 
@@ -98,7 +99,8 @@ def test_native_single_channel_variant_swaps_the_kernel_for_the_step_only():
     step()
     assert called == ["native"]  # the current step runs the phase kernel
     torch.testing.assert_close(outputs[0], outputs[1])  # the same transpose
-    single = model.input_decoder.layout_at[min(model.input_decoder.layout_at)]
+    (single,) = [m for m in model.input_decoder.modules()
+                 if isinstance(m, TiedConv) and m.source.in_channels == 1]
     assert "_cpu_2d" not in vars(single) and "preferred_layout" not in vars(single)
 
 
