@@ -11,6 +11,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import leave_passed_worker
 from torch import nn
 
 timm = pytest.importorskip("timm")
@@ -285,6 +286,7 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
         dist.barrier()  # no rank tears gloo down while another still talks
     finally:
         dist.destroy_process_group()
+    leave_passed_worker()  # reached only when every check above passed
 
 
 @pytest.mark.slow

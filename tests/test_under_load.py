@@ -9,13 +9,11 @@ test is marked slow.
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import free_port, leave_passed_worker
 from torch import Tensor, nn
 
 from latent_aug import wrap
@@ -142,12 +140,6 @@ DDP_SCHEDULE = [("train", 8), ("eval", 8), ("train", 8), ("eval_grad", 6), ("tra
                 ("train", 7), ("eval", 3), ("train", 2)]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _same_on_all_ranks(t: Tensor, what: str) -> None:
     import torch.distributed as dist
 
@@ -208,13 +200,7 @@ def _ddp_worker(rank: int, port: int) -> None:
         dist.barrier()  # no rank tears gloo down while another still talks
     finally:
         dist.destroy_process_group()
-    # Reached only when every check above passed. Leave without the interpreter's own
-    # teardown: about one run in seven, a rank aborted there after the checks had passed
-    # ("terminate called without an active exception", gloo's threads at exit), even with
-    # the barrier above. A failing check still raises before this line, so the test fails.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_passed_worker()  # reached only when every check above passed
 
 
 def test_ddp_train_eval_switches_and_a_smaller_last_batch() -> None:
@@ -223,4 +209,4 @@ def test_ddp_train_eval_switches_and_a_smaller_last_batch() -> None:
         pytest.skip("torch.distributed with gloo is not available")
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(),), nprocs=WORLD, join=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import free_port, leave_passed_worker
 from models import (
     CASE_BY_NAME,
     CASES,
@@ -809,11 +809,6 @@ def test_torch_compile_smoke_inductor():
 # ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
@@ -849,6 +844,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.barrier()  # no rank tears gloo down while another still talks (seen: SIGABRT)
     finally:
         dist.destroy_process_group()
+    leave_passed_worker()  # reached only when every check above passed
 
 
 @pytest.mark.slow
@@ -859,7 +855,7 @@ def test_ddp_two_cpu_processes_keep_parameters_identical(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "result.pt")
     rank0, rank1 = result["params"]
     assert result["moved"] > 0
