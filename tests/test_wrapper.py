@@ -809,7 +809,6 @@ def test_torch_compile_smoke_inductor():
 # ----------------------------------------------------------------------------------------
 
 
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
