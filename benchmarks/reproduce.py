@@ -8,8 +8,10 @@
         --splits 1 --option l2_reduction=mean --name table1-cifar-cpu   # a config override
 
 Every finished run is appended at once to ``benchmarks/results/<name>.csv``; rerunning the
-same command resumes where it stopped. The report (markdown + PNG) is rewritten at the end,
-or alone with ``--report-only``.
+same command resumes where it stopped: finished runs are skipped, and a run that was cut off
+continues from its last epoch checkpoint (``<name>.checkpoints/``, written at most once a
+minute; ``--checkpoint-every``, ``--no-checkpoints``). The report (markdown + PNG) is
+rewritten at the end, or alone with ``--report-only``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,12 @@ def parser() -> argparse.ArgumentParser:
                    help="config overrides (latent_aug.SemanticNoiseConfig fields, e.g. "
                         "l2_reduction=mean) for the wrapped methods; feed_forward, ladder and "
                         "the peers stay as they are. Rows carry them in the 'options' column.")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="save a running run's state to <results-dir>/<name>.checkpoints/ at "
+                        "most this often (0: every epoch), so an interrupted grid continues "
+                        "that run from its last saved epoch (default: 60)")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="no epoch checkpoints: an interrupted run restarts from epoch 1")
     p.add_argument("--name", help="results file stem (default: the preset or 'custom')")
     p.add_argument("--results-dir", default=str(RESULTS),
                    help="where <name>.csv/.md/.png go (default: benchmarks/results)")
@@ -385,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     name, specs = grid_from_args(args)
     store = ResultStore(Path(args.results_dir) / f"{name}.csv")
     if not args.report_only:
+        if args.checkpoint_every < 0:
+            raise SystemExit(f"error: --checkpoint-every takes seconds >= 0 (0: every epoch), "
+                             f"got {args.checkpoint_every:g}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but torch.cuda.is_available() is False.")
         on_cuda = args.device.startswith("cuda")
@@ -393,13 +404,21 @@ def main(argv: list[str] | None = None) -> int:
         run_grid(specs, store, data_dir=args.data_dir, device=args.device, workers=workers,
                  threads=1 if workers > 1 else None, download=args.download,
                  vectorize=args.vectorize, cuda_graph=False if args.no_cuda_graph else None,
-                 keep_memory=args.keep_freed_memory)
+                 keep_memory=args.keep_freed_memory,
+                 checkpoint_dir=None if args.no_checkpoints else checkpoint_folder(store),
+                 checkpoint_every=args.checkpoint_every)
         print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
     text = write_report(name, store.rows(), store.path.parent, header=f"Command: `{command}`")
     print(text)
     if name == "demo":
         print_demo(store)
     return 0
+
+
+def checkpoint_folder(store: ResultStore) -> Path:
+    """Where a grid's unfinished runs keep their epoch checkpoints: ``<name>.checkpoints/``
+    beside its CSV (``*.pt`` is git-ignored; the folder goes when the grid ends)."""
+    return store.path.with_suffix(".checkpoints")
 
 
 def print_demo(store: ResultStore) -> None:

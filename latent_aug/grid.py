@@ -4,6 +4,9 @@
   so a grid killed at any moment keeps every finished row and never holds a partial one.
 * A grid resumes: runs whose key (dataset, method, per_class, split, epochs, options) is
   already in the file are skipped.
+* With ``checkpoint_dir``, a run trained on its own (not in lanes or vectorized sets) also
+  saves its state there every ``checkpoint_every`` seconds (:func:`latent_aug.protocol.fit`),
+  so a grid killed mid-run continues that run from its last saved epoch, not its first.
 * On CPU, runs go to ``workers`` single-thread processes (two one-thread workers gave about
   1.5× the throughput of one two-thread process on a 2-core machine); on CUDA they run one
   after another in-process. Each run computes exactly what it would compute alone: the
@@ -15,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import hashlib
 import io
 import math
 import multiprocessing as mp
 import os
 import platform
 import queue as _queue
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import partial
@@ -31,7 +36,7 @@ import torch
 
 from .allocator import keep_freed_memory
 from .files import atomic_write_text
-from .protocol import RunResult, RunSpec, train_run
+from .protocol import RunResult, RunSpec, load_epoch_checkpoint, train_run
 
 COLUMNS = [
     "dataset", "method", "per_class", "split", "test_error", "best_val_error", "best_epoch",
@@ -112,7 +117,8 @@ def result_row(spec: RunSpec, result: RunResult, device: str, tag: str = "") -> 
         "epochs": result.epochs,
         "device": device,
         "seconds": f"{result.seconds:.1f}",
-        "tag": tag,
+        "tag": ";".join(filter(None, [tag, f"resumed@{result.resumed_at}"
+                                              if result.resumed_at else ""])),
         "options": options_text(spec.options),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -154,6 +160,24 @@ def _data_for(spec: RunSpec, data_dir: str | None, device: str, download: bool):
     return _DATA_CACHE[key]
 
 
+def checkpoint_path(folder: str | os.PathLike, spec: RunSpec) -> Path:
+    """Where a grid keeps ``spec``'s epoch checkpoint in ``folder``:
+    ``mnist-proposed_base-100-set1-e120[-<options hash>].pt``."""
+    name = f"{spec.dataset}-{spec.method}-{spec.per_class}-set{spec.split}-e{spec.epochs}"
+    if spec.options or spec.batch_size != 100:
+        detail = f"{options_text(spec.options)}|{spec.batch_size}".encode()
+        name += "-" + hashlib.sha1(detail).hexdigest()[:10]
+    return Path(folder) / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".pt")
+
+
+def saved_epochs(folder: str | os.PathLike | None, spec: RunSpec) -> int:
+    """Epochs of ``spec`` already in its checkpoint in ``folder`` (0 when none)."""
+    if folder is None:
+        return 0
+    state = load_epoch_checkpoint(checkpoint_path(folder, spec), spec)
+    return 0 if state is None else int(state["epoch"])
+
+
 def execute(
     spec: RunSpec,
     data_dir: str | None,
@@ -162,6 +186,8 @@ def execute(
     events: Any = None,
     run_id: int = 0,
     tag: str = "",
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> dict[str, Any]:
     """Train one run and return its CSV row (runs in a worker or in-process)."""
     data = _data_for(spec, data_dir, device, download)
@@ -170,7 +196,9 @@ def execute(
         if events is not None:
             events.put((run_id, epoch, val))
 
-    result = train_run(spec, data, on_epoch=on_epoch)
+    checkpoint = checkpoint_path(checkpoint_dir, spec) if checkpoint_dir is not None else None
+    result = train_run(spec, data, on_epoch=on_epoch, checkpoint=checkpoint,
+                       checkpoint_every=checkpoint_every)
     return result_row(spec, result, device_name(device), tag)
 
 
@@ -271,8 +299,15 @@ def run_grid(
     vectorize: bool | str = False,
     cuda_graph: bool | None = None,
     keep_memory: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> list[dict[str, Any]]:
     """Run every spec not yet in ``store``; return the new rows (in completion order).
+
+    ``checkpoint_dir``: runs trained one at a time save their state there at most every
+    ``checkpoint_every`` seconds and continue from it when the grid is run again after an
+    interruption (their row's ``tag`` then says ``resumed@<epoch>`` and ``seconds`` sums the
+    pieces); each file is deleted when its run ends, and the folder when it is left empty.
 
     ``vectorize="sets"`` (or True) trains the sets of each grid cell together (see
     :mod:`latent_aug.vectorized`); ``vectorize="lanes"`` trains every run of a method together
@@ -292,8 +327,10 @@ def run_grid(
     done = store.done()
     todo = [s for s in specs if spec_key(s) not in done]
     tags = tags or {}
+    saved = sum(saved_epochs(checkpoint_dir, s) for s in todo)
     bar = tqdm(
         total=sum(s.epochs for s in todo),
+        initial=saved,
         unit="ep",
         disable=not progress,
         desc=f"{len(todo)} runs ({len(specs) - len(todo)} already done)",
@@ -302,6 +339,7 @@ def run_grid(
     new_rows: list[dict[str, Any]] = []
     if not todo:
         bar.close()
+        _remove_if_empty(checkpoint_dir)
         return new_rows
     status: dict[int, str] = {}
 
@@ -314,6 +352,7 @@ def run_grid(
         bar.set_postfix_str(" | ".join(status.values()), refresh=False)
 
     written: set[tuple[str, ...]] = set()
+    by_key = {spec_key(s): s for s in todo}
 
     def keep(row: dict[str, Any]) -> None:
         key = row_key(row)
@@ -321,6 +360,8 @@ def run_grid(
             written.add(key)
             store.append(row)
             new_rows.append(row)
+            if checkpoint_dir is not None and key in by_key:  # one left by an earlier try
+                checkpoint_path(checkpoint_dir, by_key[key]).unlink(missing_ok=True)
 
     def handle(item: tuple) -> None:
         if item[0] == "row":
@@ -329,6 +370,10 @@ def run_grid(
             show(*item)
 
     jobs = _jobs(todo, tags, mode, workers, cuda_graph)
+    if checkpoint_dir is not None:
+        one_run = partial(execute, checkpoint_dir=str(checkpoint_dir),
+                          checkpoint_every=checkpoint_every)
+        jobs = [(one_run if fn is execute else fn, *rest) for fn, *rest in jobs]
     if 1 < len(jobs) < workers or (workers > 1 and len(jobs) == 1):
         # fewer jobs than workers: give the idle workers' threads to the ones that run
         threads = max(1, (threads or 1) * workers // len(jobs))
@@ -348,6 +393,7 @@ def run_grid(
             for row in _as_list(fn(what, data_dir, device, download, _Direct(), ids, tag)):
                 keep(row)
         bar.close()
+        _remove_if_empty(checkpoint_dir)
         return new_rows
 
     ctx = mp.get_context("spawn")
@@ -368,7 +414,15 @@ def run_grid(
                     keep(row)
         _drain(events, handle)
     bar.close()
+    _remove_if_empty(checkpoint_dir)
     return new_rows
+
+
+def _remove_if_empty(folder: str | os.PathLike | None) -> None:
+    """Remove a checkpoint folder that holds no checkpoint any more."""
+    if folder is not None:
+        with contextlib.suppress(OSError):  # absent, or still holding an unfinished run
+            Path(folder).rmdir()
 
 
 def _vectorize_mode(vectorize: bool | str | None) -> str | None:

@@ -10,9 +10,11 @@ except ``feed_forward`` (the bare model) and ``ladder`` (Table 4's ladder networ
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from .backbones import LATENT, reference_backbone
 from .config import PAPER_LAMBDAS
 from .data import DataSplit, center_crop, random_crop_flip
 from .errors import ConfigError, close_matches
+from .files import atomic_write
 
 #: Config overrides of each method (None: the bare model). λ's are added per dataset.
 METHODS: dict[str, dict[str, Any] | None] = {
@@ -89,6 +92,8 @@ class RunResult:
     seconds: float
     val_errors: list[float] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
+    #: epochs loaded from an epoch checkpoint (0: trained from the first epoch in one go)
+    resumed_at: int = 0
 
 
 def lr_at(epoch: int, base: float, epochs: int = 120) -> float:
@@ -191,9 +196,12 @@ def train_run(
     data: DataSplit,
     *,
     on_epoch: Callable[[int, float], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> RunResult:
     """Train one run with the paper's protocol and return its best-validation test error."""
-    return fit(spec, data, on_epoch=on_epoch)[1]
+    return fit(spec, data, on_epoch=on_epoch, checkpoint=checkpoint,
+               checkpoint_every=checkpoint_every)[1]
 
 
 def fit(
@@ -201,8 +209,23 @@ def fit(
     data: DataSplit,
     *,
     on_epoch: Callable[[int, float], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> tuple[nn.Module, RunResult]:
-    """Train one run; return the network (best-validation weights, eval mode) and result."""
+    """Train one run; return the network (best-validation weights, eval mode) and result.
+
+    With ``checkpoint`` (a file path), the run's whole state (weights, Adam's moments, the
+    batch-order generator, the global RNG that draws the semantic / input noise, the best
+    epoch's weights and the per-epoch history) is written there atomically after an epoch
+    whenever ``checkpoint_every`` seconds have passed since the last write (0: every epoch).
+    A later call with the same spec and path continues from that epoch instead of the first,
+    and computes exactly what the uninterrupted run computes (on the same device and thread
+    count); the file is deleted when the run ends. A file from another run is a
+    :class:`~latent_aug.errors.ConfigError`.
+    """
+    if checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every is a number of seconds >= 0 (0: after every "
+                          f"epoch), got {checkpoint_every}.")
     start = time.perf_counter()
     device = data.train_x.device
     torch.manual_seed(spec.seed)
@@ -216,7 +239,18 @@ def fit(
     best = (float("inf"), -1)
     best_state = None
     val_errors, losses = [], []
-    for epoch in range(spec.epochs):
+    first_epoch, earlier_seconds = 0, 0.0
+    state = load_epoch_checkpoint(checkpoint, spec) if checkpoint else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        _set_rng_state(state["rng"], device)
+        best, best_state = (state["best_error"], state["best_epoch"]), state["best_state"]
+        val_errors, losses = list(state["val_errors"]), list(state["train_losses"])
+        first_epoch, earlier_seconds = state["epoch"], state["seconds"]
+    last_write = time.perf_counter()
+    for epoch in range(first_epoch, spec.epochs):
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, base_lr, spec.epochs)
         if epoch_hook is not None:
@@ -238,16 +272,73 @@ def fit(
         if val < best[0]:
             best = (val, epoch + 1)
             best_state = copy.deepcopy(model.state_dict())
+        now = time.perf_counter()
+        if checkpoint and epoch + 1 < spec.epochs and now - last_write >= checkpoint_every:
+            _write_epoch_checkpoint(checkpoint, {
+                "format": CHECKPOINT_FORMAT, "spec": repr(spec), "epoch": epoch + 1,
+                "seconds": earlier_seconds + now - start, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                "rng": _rng_state(device), "best_error": best[0], "best_epoch": best[1],
+                "best_state": best_state, "val_errors": val_errors, "train_losses": losses,
+            })
+            last_write = time.perf_counter()
         if on_epoch is not None:
             on_epoch(epoch + 1, val)
     model.load_state_dict(best_state)
     test = float(error_rate(model, data.test_x, data.test_y, data.crop))
+    if checkpoint:
+        Path(checkpoint).unlink(missing_ok=True)
     return model.eval(), RunResult(
         test_error=test,
         best_val_error=best[0],
         best_epoch=best[1],
         epochs=spec.epochs,
-        seconds=time.perf_counter() - start,
+        seconds=earlier_seconds + time.perf_counter() - start,
         val_errors=val_errors,
         train_losses=losses,
+        resumed_at=first_epoch,
     )
+
+
+# -- epoch checkpoints ------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+
+
+def load_epoch_checkpoint(path: str | os.PathLike, spec: RunSpec) -> dict[str, Any] | None:
+    """The state :func:`fit` wrote to ``path`` for ``spec`` (tensors on the CPU; loading them
+    into the model and optimizer moves them to the run's device), or ``None`` when there is
+    no file. A file that is not such a checkpoint, or one that
+    belongs to another run, raises :class:`~latent_aug.errors.ConfigError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    fix = f"Delete {path} to train this run from its first epoch, or use another folder."
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ConfigError(f"{path} is not a readable epoch checkpoint ({err}). {fix}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not an epoch checkpoint of format {CHECKPOINT_FORMAT} "
+                          f"(written by another latent_aug version?). {fix}")
+    if state["spec"] != repr(spec):
+        raise ConfigError(f"{path} holds the run {state['spec']}, not {spec!r}. {fix}")
+    return state
+
+
+def _write_epoch_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    """The state of the global generator that draws the noise on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set_rng_state(state: Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)

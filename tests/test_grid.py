@@ -1,9 +1,11 @@
-"""Grid bookkeeping: atomic CSV rows, resume, and a grid killed with SIGKILL mid-run."""
+"""Grid bookkeeping: atomic CSV rows, resume, a grid killed with SIGKILL mid-run, and epoch
+checkpoints."""
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -353,3 +355,54 @@ def test_two_processes_appending_to_one_csv_keep_every_row(tmp_path: Path) -> No
     rows = ResultStore(path).rows()
     assert sorted((r["method"], int(r["per_class"])) for r in rows) == sorted(
         (who, i) for who in ("a", "b") for i in range(40))
+
+
+# ----------------------------------------------------------------------------------------------
+# epoch checkpoints: a run cut off mid-way continues from its last saved epoch
+# ----------------------------------------------------------------------------------------------
+
+
+def test_grid_continues_an_interrupted_run_from_its_epoch_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(grid, "_data_for", lambda spec, *a: tiny_split(spec.split, n=20, n_eval=10))
+    spec = RunSpec("mnist", "perturb_class_conditional", per_class=2, split=1, epochs=4,
+                   batch_size=10)
+    reference = run_grid([spec], ResultStore(tmp_path / "reference.csv"), progress=False)[0]
+    real_train_run = grid.train_run
+
+    def ctrl_c_after_epoch_two(spec, data, *, on_epoch, **kw):
+        def hook(epoch: int, val: float) -> None:
+            on_epoch(epoch, val)
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+        return real_train_run(spec, data, on_epoch=hook, **kw)
+
+    monkeypatch.setattr(grid, "train_run", ctrl_c_after_epoch_two)
+    folder = tmp_path / "grid.checkpoints"
+    store = ResultStore(tmp_path / "grid.csv")
+    with pytest.raises(KeyboardInterrupt):
+        run_grid([spec], store, progress=False, checkpoint_dir=folder, checkpoint_every=0)
+    assert store.rows() == []
+    assert [p.name for p in folder.iterdir()] == [grid.checkpoint_path(folder, spec).name]
+    assert grid.saved_epochs(folder, spec) == 2
+
+    monkeypatch.setattr(grid, "train_run", real_train_run)
+    [row] = run_grid([spec], store, progress=False, checkpoint_dir=folder, checkpoint_every=0)
+    assert row["tag"] == "resumed@2" and reference["tag"] == ""
+    for column in ("test_error", "best_val_error", "best_epoch", "last_val_error"):
+        assert row[column] == reference[column], column
+    assert not folder.exists(), "the emptied checkpoint folder is removed"
+
+
+def test_checkpoint_names_tell_runs_apart() -> None:
+    base = RunSpec("cifar10", "recon_all", per_class="all", split=2)
+    variants = [base, RunSpec("cifar10", "recon_all", per_class="all", split=3),
+                RunSpec("cifar10", "recon_all", per_class="all", split=2,
+                        options=(("l2_reduction", "mean"),)),
+                RunSpec("cifar10", "recon_all", per_class="all", split=2, batch_size=50)]
+    names = [grid.checkpoint_path("ck", s).name for s in variants]
+    assert names[0] == "cifar10-recon_all-all-set2-e120.pt"
+    assert len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)

@@ -1,17 +1,21 @@
-"""Checkpoint / resume gives the uninterrupted run exactly, and runs repeat bit for bit (CPU)."""
+"""Checkpoint / resume gives the uninterrupted run exactly (by hand and through ``fit``'s epoch
+checkpoints), and runs repeat bit for bit (CPU)."""
 
 from __future__ import annotations
 
 import copy
 import io
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from models import tiny_split
 from torch import Tensor
 
 from latent_aug import MnistNet, wrap
-from latent_aug.protocol import RunSpec, train_run
+from latent_aug.errors import ConfigError
+from latent_aug.protocol import RunSpec, fit, train_run
 
 BATCH = 4
 STEPS_BEFORE = 3
@@ -153,3 +157,79 @@ def test_train_run_is_repeatable() -> None:
         data,
     )
     assert other.train_losses != first.train_losses
+
+
+# ----------------------------------------------------------------------------------------------
+# fit's epoch checkpoints: an interrupted run continues where it stopped, with the same numbers
+# ----------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Stands for a kill between two epochs."""
+
+
+def _stop_after(epochs: int):
+    seen: list[int] = []
+
+    def on_epoch(epoch: int, val: float) -> None:
+        seen.append(epoch)
+        if epoch == epochs:
+            raise _Stop
+
+    return on_epoch, seen
+
+
+@pytest.mark.parametrize(("dataset", "method"), [
+    ("mnist", "perturb_class_conditional"),  # semantic noise from the global RNG
+    ("mnist", "proposed_base_denoise"),      # input noise from the global RNG
+    ("cifar10", "recon_one"),                # crops and flips from the run's generator
+])
+def test_fit_resumed_from_its_epoch_checkpoint_equals_the_uninterrupted_run(
+    tmp_path: Path, dataset: str, method: str
+) -> None:
+    data = tiny_split(n=20, n_eval=10, dataset=dataset)
+    spec = RunSpec(dataset, method, per_class=2, split=1, epochs=4, batch_size=8)
+    straight_model, straight = fit(spec, data)
+
+    path = tmp_path / "run.pt"
+    on_epoch, seen = _stop_after(2)
+    with pytest.raises(_Stop):
+        fit(spec, data, on_epoch=on_epoch, checkpoint=path, checkpoint_every=0)
+    assert path.exists(), "the checkpoint of epoch 2 should be on disk"
+    torch.manual_seed(999)  # whatever the process did in between must not matter
+
+    on_epoch, seen = _stop_after(0)
+    model, resumed = fit(spec, data, on_epoch=on_epoch, checkpoint=path, checkpoint_every=0)
+    assert seen == [3, 4]  # only the epochs after the checkpoint were trained
+    assert resumed.resumed_at == 2 and straight.resumed_at == 0
+    assert _numbers(resumed) == _numbers(straight)
+    for key, value in straight_model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert not path.exists(), "a finished run deletes its checkpoint"
+
+
+def test_fit_writes_checkpoints_no_more_often_than_asked(tmp_path: Path) -> None:
+    data = tiny_split(n=20, n_eval=10)
+    spec = RunSpec("mnist", "proposed_base", per_class=2, split=1, epochs=3, batch_size=8)
+    path = tmp_path / "run.pt"
+    on_epoch, _ = _stop_after(2)
+    with pytest.raises(_Stop):
+        fit(spec, data, on_epoch=on_epoch, checkpoint=path, checkpoint_every=3600)
+    assert not path.exists()
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        fit(spec, data, checkpoint=path, checkpoint_every=-1)
+
+
+def test_a_checkpoint_of_another_run_is_a_clear_error(tmp_path: Path) -> None:
+    data = tiny_split(n=20, n_eval=10)
+    spec = RunSpec("mnist", "proposed_base", per_class=2, split=1, epochs=3, batch_size=8)
+    path = tmp_path / "run.pt"
+    on_epoch, _ = _stop_after(1)
+    with pytest.raises(_Stop):
+        fit(spec, data, on_epoch=on_epoch, checkpoint=path, checkpoint_every=0)
+    other = RunSpec("mnist", "proposed_base", per_class=2, split=2, epochs=3, batch_size=8)
+    with pytest.raises(ConfigError, match=r"holds the run .*split=1.*Delete .*run\.pt"):
+        fit(other, data, checkpoint=path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable epoch checkpoint"):
+        fit(spec, data, checkpoint=path)
