@@ -192,9 +192,7 @@ def test_fit_resumed_from_its_epoch_checkpoint_equals_the_uninterrupted_run(
     straight_model, straight = fit(spec, data)
 
     path = tmp_path / "run.pt"
-    on_epoch, seen = _stop_after(2)
-    with pytest.raises(_Stop):
-        fit(spec, data, on_epoch=on_epoch, checkpoint=path, checkpoint_every=0)
+    _interrupted(spec, data, path, after=2, every=0)
     assert path.exists(), "the checkpoint of epoch 2 should be on disk"
     torch.manual_seed(999)  # whatever the process did in between must not matter
 
@@ -208,13 +206,18 @@ def test_fit_resumed_from_its_epoch_checkpoint_equals_the_uninterrupted_run(
     assert not path.exists(), "a finished run deletes its checkpoint"
 
 
+def _interrupted(spec: RunSpec, data, path: Path, after: int, every: float) -> None:
+    """Train ``spec`` with checkpoints to ``path`` and stop it after epoch ``after``."""
+    on_epoch, _ = _stop_after(after)
+    with pytest.raises(_Stop):
+        fit(spec, data, on_epoch=on_epoch, checkpoint=path, checkpoint_every=every)
+
+
 def test_fit_writes_checkpoints_no_more_often_than_asked(tmp_path: Path) -> None:
     data = tiny_split(n=20, n_eval=10)
     spec = RunSpec("mnist", "proposed_base", per_class=2, split=1, epochs=3, batch_size=8)
     path = tmp_path / "run.pt"
-    on_epoch, _ = _stop_after(2)
-    with pytest.raises(_Stop):
-        fit(spec, data, on_epoch=on_epoch, checkpoint=path, checkpoint_every=3600)
+    _interrupted(spec, data, path, after=2, every=3600)
     assert not path.exists()
     with pytest.raises(ConfigError, match="checkpoint_every"):
         fit(spec, data, checkpoint=path, checkpoint_every=-1)
@@ -224,9 +227,7 @@ def test_a_checkpoint_of_another_run_is_a_clear_error(tmp_path: Path) -> None:
     data = tiny_split(n=20, n_eval=10)
     spec = RunSpec("mnist", "proposed_base", per_class=2, split=1, epochs=3, batch_size=8)
     path = tmp_path / "run.pt"
-    on_epoch, _ = _stop_after(1)
-    with pytest.raises(_Stop):
-        fit(spec, data, on_epoch=on_epoch, checkpoint=path, checkpoint_every=0)
+    _interrupted(spec, data, path, after=1, every=0)
     other = RunSpec("mnist", "proposed_base", per_class=2, split=2, epochs=3, batch_size=8)
     with pytest.raises(ConfigError, match=r"holds the run .*split=1.*Delete .*run\.pt"):
         fit(other, data, checkpoint=path)
