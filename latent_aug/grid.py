@@ -352,7 +352,6 @@ def run_grid(
         bar.set_postfix_str(" | ".join(status.values()), refresh=False)
 
     written: set[tuple[str, ...]] = set()
-    by_key = {spec_key(s): s for s in todo}
 
     def keep(row: dict[str, Any]) -> None:
         key = row_key(row)
@@ -360,8 +359,6 @@ def run_grid(
             written.add(key)
             store.append(row)
             new_rows.append(row)
-            if checkpoint_dir is not None and key in by_key:  # one left by an earlier try
-                checkpoint_path(checkpoint_dir, by_key[key]).unlink(missing_ok=True)
 
     def handle(item: tuple) -> None:
         if item[0] == "row":

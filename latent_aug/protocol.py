@@ -245,7 +245,9 @@ def fit(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
-        _set_rng_state(state["rng"], device)
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None:  # absent in files of CPU runs from 2ae12d8
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         best, best_state = (state["best_error"], state["best_epoch"]), state["best_state"]
         val_errors, losses = list(state["val_errors"]), list(state["train_losses"])
         first_epoch, earlier_seconds = state["epoch"], state["seconds"]
@@ -274,13 +276,17 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         now = time.perf_counter()
         if checkpoint and epoch + 1 < spec.epochs and now - last_write >= checkpoint_every:
-            _write_epoch_checkpoint(checkpoint, {
+            state = {
                 "format": CHECKPOINT_FORMAT, "spec": repr(spec), "epoch": epoch + 1,
                 "seconds": earlier_seconds + now - start, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                "rng": _rng_state(device), "best_error": best[0], "best_epoch": best[1],
-                "best_state": best_state, "val_errors": val_errors, "train_losses": losses,
-            })
+                # the CPU generator draws some noise even on CUDA (Manifold Mixup's layer, λ)
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "best_error": best[0], "best_epoch": best[1], "best_state": best_state,
+                "val_errors": val_errors, "train_losses": losses,
+            }
+            atomic_write(checkpoint, lambda f, state=state: torch.save(state, f))
             last_write = time.perf_counter()
         if on_epoch is not None:
             on_epoch(epoch + 1, val)
@@ -308,8 +314,8 @@ CHECKPOINT_FORMAT = 1
 def load_epoch_checkpoint(path: str | os.PathLike, spec: RunSpec) -> dict[str, Any] | None:
     """The state :func:`fit` wrote to ``path`` for ``spec`` (tensors on the CPU; loading them
     into the model and optimizer moves them to the run's device), or ``None`` when there is
-    no file. A file that is not such a checkpoint, or one that
-    belongs to another run, raises :class:`~latent_aug.errors.ConfigError` naming the file."""
+    no file. A file that is not such a checkpoint, or one that belongs to another run, raises
+    :class:`~latent_aug.errors.ConfigError` naming the file."""
     path = Path(path)
     if not path.exists():
         return None
@@ -325,20 +331,3 @@ def load_epoch_checkpoint(path: str | os.PathLike, spec: RunSpec) -> dict[str, A
         raise ConfigError(f"{path} holds the run {state['spec']}, not {spec!r}. {fix}")
     return state
 
-
-def _write_epoch_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def _rng_state(device: torch.device) -> Tensor:
-    """The state of the global generator that draws the noise on ``device``."""
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.get_rng_state()
-
-
-def _set_rng_state(state: Tensor, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)

@@ -183,6 +183,7 @@ def _stop_after(epochs: int):
     ("mnist", "perturb_class_conditional"),  # semantic noise from the global RNG
     ("mnist", "proposed_base_denoise"),      # input noise from the global RNG
     ("cifar10", "recon_one"),                # crops and flips from the run's generator
+    ("mnist", "manifold_mixup"),             # a peer: mixing layer and λ from the global RNG
 ])
 def test_fit_resumed_from_its_epoch_checkpoint_equals_the_uninterrupted_run(
     tmp_path: Path, dataset: str, method: str
