@@ -276,7 +276,7 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         now = time.perf_counter()
         if checkpoint and epoch + 1 < spec.epochs and now - last_write >= checkpoint_every:
-            state = {
+            snapshot = {
                 "format": CHECKPOINT_FORMAT, "spec": repr(spec), "epoch": epoch + 1,
                 "seconds": earlier_seconds + now - start, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "generator": gen.get_state(),
@@ -286,7 +286,7 @@ def fit(
                 "best_error": best[0], "best_epoch": best[1], "best_state": best_state,
                 "val_errors": val_errors, "train_losses": losses,
             }
-            atomic_write(checkpoint, lambda f, state=state: torch.save(state, f))
+            atomic_write(checkpoint, lambda f, snap=snapshot: torch.save(snap, f))
             last_write = time.perf_counter()
         if on_epoch is not None:
             on_epoch(epoch + 1, val)
