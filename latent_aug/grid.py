@@ -105,6 +105,11 @@ class ResultStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def resumed_tag(resumed_at: Sequence[int]) -> str:
+    """``"resumed@19,106"`` for a run continued from its checkpoints at epochs 19 and 106."""
+    return f"resumed@{','.join(map(str, resumed_at))}" if resumed_at else ""
+
+
 def result_row(spec: RunSpec, result: RunResult, device: str, tag: str = "") -> dict[str, Any]:
     return {
         "dataset": spec.dataset,
@@ -117,8 +122,7 @@ def result_row(spec: RunSpec, result: RunResult, device: str, tag: str = "") -> 
         "epochs": result.epochs,
         "device": device,
         "seconds": f"{result.seconds:.1f}",
-        "tag": ";".join(filter(None, [tag, f"resumed@{result.resumed_at}"
-                                              if result.resumed_at else ""])),
+        "tag": ";".join(filter(None, [tag, resumed_tag(result.resumed_at)])),
         "options": options_text(spec.options),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -306,8 +310,9 @@ def run_grid(
 
     ``checkpoint_dir``: runs trained one at a time save their state there at most every
     ``checkpoint_every`` seconds and continue from it when the grid is run again after an
-    interruption (their row's ``tag`` then says ``resumed@<epoch>`` and ``seconds`` sums the
-    pieces); each file is deleted when its run ends, and the folder when it is left empty.
+    interruption (their row's ``tag`` then says ``resumed@<epoch>[,<epoch>...]``, one epoch per
+    continuation, and ``seconds`` sums the pieces); each file is deleted when its run ends, and
+    the folder when it is left empty.
 
     ``vectorize="sets"`` (or True) trains the sets of each grid cell together (see
     :mod:`latent_aug.vectorized`); ``vectorize="lanes"`` trains every run of a method together

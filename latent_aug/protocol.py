@@ -92,8 +92,9 @@ class RunResult:
     seconds: float
     val_errors: list[float] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
-    #: epochs loaded from an epoch checkpoint (0: trained from the first epoch in one go)
-    resumed_at: int = 0
+    #: the epoch each piece after the first was continued from, in order (empty: trained
+    #: from the first epoch in one go; ``(19, 106)``: cut off twice, at epochs 19 and 106)
+    resumed_at: tuple[int, ...] = ()
 
 
 def lr_at(epoch: int, base: float, epochs: int = 120) -> float:
@@ -239,7 +240,7 @@ def fit(
     best = (float("inf"), -1)
     best_state = None
     val_errors, losses = [], []
-    first_epoch, earlier_seconds = 0, 0.0
+    first_epoch, earlier_seconds, resumes = 0, 0.0, ()
     state = load_epoch_checkpoint(checkpoint, spec) if checkpoint else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -251,6 +252,8 @@ def fit(
         best, best_state = (state["best_error"], state["best_epoch"]), state["best_state"]
         val_errors, losses = list(state["val_errors"]), list(state["train_losses"])
         first_epoch, earlier_seconds = state["epoch"], state["seconds"]
+        # files from before "resumes" was kept know only their own epoch
+        resumes = (*state.get("resumes", ()), first_epoch)
     last_write = time.perf_counter()
     for epoch in range(first_epoch, spec.epochs):
         for group in opt.param_groups:
@@ -284,7 +287,7 @@ def fit(
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "best_error": best[0], "best_epoch": best[1], "best_state": best_state,
-                "val_errors": val_errors, "train_losses": losses,
+                "val_errors": val_errors, "train_losses": losses, "resumes": resumes,
             }
             atomic_write(checkpoint, lambda f, snap=snapshot: torch.save(snap, f))
             last_write = time.perf_counter()
@@ -302,7 +305,7 @@ def fit(
         seconds=earlier_seconds + time.perf_counter() - start,
         val_errors=val_errors,
         train_losses=losses,
-        resumed_at=first_epoch,
+        resumed_at=resumes,
     )
 
 

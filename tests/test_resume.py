@@ -200,11 +200,38 @@ def test_fit_resumed_from_its_epoch_checkpoint_equals_the_uninterrupted_run(
     on_epoch, seen = _stop_after(0)
     model, resumed = fit(spec, data, on_epoch=on_epoch, checkpoint=path, checkpoint_every=0)
     assert seen == [3, 4]  # only the epochs after the checkpoint were trained
-    assert resumed.resumed_at == 2 and straight.resumed_at == 0
+    assert resumed.resumed_at == (2,) and straight.resumed_at == ()
     assert _numbers(resumed) == _numbers(straight)
     for key, value in straight_model.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
     assert not path.exists(), "a finished run deletes its checkpoint"
+
+
+def test_a_run_cut_off_twice_names_both_continuations(tmp_path: Path) -> None:
+    data = tiny_split(n=20, n_eval=10)
+    spec = RunSpec("mnist", "perturb_class_conditional", per_class=2, split=1, epochs=5,
+                   batch_size=8)
+    straight_model, straight = fit(spec, data)
+    path = tmp_path / "run.pt"
+    _interrupted(spec, data, path, after=1, every=0)
+    _interrupted(spec, data, path, after=3, every=0)  # continues from 1, cut off again at 3
+    model, resumed = fit(spec, data, checkpoint=path, checkpoint_every=0)
+    assert resumed.resumed_at == (1, 3)
+    assert _numbers(resumed) == _numbers(straight)
+    for key, value in straight_model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_a_checkpoint_without_its_resume_list_counts_as_continued_once(tmp_path: Path) -> None:
+    """Files written before the list of continuations was kept (2ae12d8 to 49b5974)."""
+    data = tiny_split(n=20, n_eval=10)
+    spec = RunSpec("mnist", "feed_forward", per_class=2, split=1, epochs=4, batch_size=8)
+    path = tmp_path / "run.pt"
+    _interrupted(spec, data, path, after=2, every=0)
+    state = torch.load(path, weights_only=True)
+    del state["resumes"]
+    torch.save(state, path)
+    assert fit(spec, data, checkpoint=path, checkpoint_every=0)[1].resumed_at == (2,)
 
 
 def _interrupted(spec: RunSpec, data, path: Path, after: int, every: float) -> None:
