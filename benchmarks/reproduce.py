@@ -111,6 +111,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default=str(RESULTS),
                    help="where <name>.csv/.md/.png go (default: benchmarks/results)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
+    p.add_argument("--paired-with", nargs="+", default=[], metavar="CSV",
+                   help="results CSVs that hold the runs without input noise (e.g. "
+                        "table1-cifar-cpu.csv for appendix-cifar-cpu): the report then pairs "
+                        "each denoising variant with them by set (same size, set, options, "
+                        "device and epochs)")
     p.add_argument("--merge", nargs="+", metavar="CSV",
                    help="report only: one table from several results CSVs (e.g. a CUDA grid "
                         "and the CPU runs it missed) as <results-dir>/<name>.md/.png; on a "
@@ -192,7 +197,11 @@ def paper_value(dataset: str, method: str, size, splits: list[int]) -> float | N
     return TABLE1.get(dataset, {}).get(method, {}).get(size)
 
 
-def report(name: str, rows: list[dict[str, str]], header: str = "") -> str:
+def report(name: str, rows: list[dict[str, str]], header: str = "",
+           bases: list[dict[str, str]] = ()) -> str:
+    """The markdown report: Table 1's layout with the paper beside each cell, the denoising
+    variants paired with ``rows`` + ``bases`` (:func:`input_noise_effect`), then failed runs
+    and issue 3's criterion."""
     summary = summarize(rows)
     lines = [f"# {name}: measured test error (%) vs. the paper", ""]
     if header:
@@ -222,12 +231,97 @@ def report(name: str, rows: list[dict[str, str]], header: str = "") -> str:
                 cells.append(f"{c['mean']:.2f}{spread}{paper}{sets}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += input_noise_effect(rows, bases)
     lines += training_failures(rows)
     if any(r["dataset"] == "cifar10" for r in rows):
         lines += ["CIFAR-10 numbers are measured on the JPEG re-encoded copy (quality ~75), so "
                   "they are close to, not identical with, the original dataset's.", ""]
     lines += criterion(summary)
     return "\n".join(lines)
+
+
+DENOISE = "_denoise"
+
+
+def paired_differences(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
+                       ) -> dict[tuple, dict[int, float]]:
+    """``{(dataset, denoising label, per_class): {split: error - error without input noise}}``.
+
+    A denoising run (``recon_one_denoise``) is paired with the run of its base method
+    (``recon_one``) that matches it in dataset, size, set, options, device and epochs, from
+    ``rows`` first, then ``bases``: the same seeds and data, so the difference is the input
+    noise's alone, not the set-to-set spread."""
+    def key(row: dict[str, str], method: str) -> tuple[str, ...]:
+        return (row["dataset"], method, row.get("options", ""), row["per_class"], row["split"],
+                row.get("device", ""), row.get("epochs", ""))
+
+    pool: dict[tuple[str, ...], dict[str, str]] = {}
+    for row in [*rows, *bases]:
+        pool.setdefault(key(row, row["method"]), row)
+    diffs: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if not row["method"].endswith(DENOISE):
+            continue
+        base = pool.get(key(row, row["method"].removesuffix(DENOISE)))
+        if base is not None:
+            cell = (row["dataset"], label(row), _size_key(row["per_class"]))
+            diffs[cell][int(row["split"])] = float(row["test_error"]) - float(base["test_error"])
+    return dict(diffs)
+
+
+def paper_difference(dataset: str, method: str, size, splits: list[int]) -> float | None:
+    """The paper's mean over ``splits`` of (denoising variant - its base method), by set."""
+    per = PER_SET.get(dataset, {})
+    base = method.removesuffix(DENOISE)
+    try:
+        return mean(per[method][s][size] - per[base][s][size] for s in splits)
+    except KeyError:
+        return None
+
+
+def input_noise_effect(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
+                       ) -> list[str]:
+    """Report lines: what input noise does to each method, paired by set
+    (:func:`paired_differences`), one table per dataset with a row per size; empty when no
+    denoising run has its base run."""
+    diffs = paired_differences(rows, bases)
+    lines: list[str] = []
+    for dataset in sorted({k[0] for k in diffs}):
+        cells = {k[1:]: v for k, v in diffs.items() if k[0] == dataset}
+        order = list(METHODS)
+        methods = sorted({m for m, _ in cells}, key=lambda m: (order.index(method_of(m)), m))
+        sizes = sorted({s for _, s in cells}, key=lambda s: 10**9 if s == "all" else s)
+        lines += [f"## {dataset}: input noise, paired by set", "",
+                  "Each cell: denoising variant − the same method without input noise, on the "
+                  "same set, size, options and device (positive: input noise hurts); the mean "
+                  "over the sets (the paper's over the same sets); then each set's.", "",
+                  "| per class | " + " | ".join(methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        worse = paper_worse = paper_pairs = 0
+        for size in sizes:
+            row = []
+            for m in methods:
+                by_set = cells.get((m, size))
+                if not by_set:
+                    row.append("")
+                    continue
+                splits = sorted(by_set)
+                p = paper_difference(dataset, method_of(m), size, splits)
+                paper = f" ({p:+.2f})" if p is not None else ""
+                sets = "" if splits == [1, 2, 3] else f" [sets {','.join(map(str, splits))}]"
+                each = " / ".join(f"{by_set[s]:+.2f}" for s in splits)
+                row.append(f"{mean(by_set.values()):+.2f}{paper}: {each}{sets}")
+                worse += sum(d > 0 for d in by_set.values())
+                for s in splits:
+                    p_set = paper_difference(dataset, method_of(m), size, [s])
+                    if p_set is not None:
+                        paper_pairs += 1
+                        paper_worse += p_set > 0
+            lines.append(f"| {size} | " + " | ".join(row) + " |")
+        pairs = sum(len(v) for v in cells.values())
+        lines += ["", f"Input noise is worse on {worse} of {pairs} set pairs (the paper: "
+                  f"{paper_worse} of {paper_pairs}).", ""]
+    return lines
 
 
 CHANCE_MARGIN = 2.0  # points below chance (90 % for 10 classes) that still count as chance
@@ -324,11 +418,12 @@ def plot(name: str, rows: list[dict[str, str]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(name: str, rows: list[dict[str, str]], folder: Path, header: str = "") -> str:
-    """``<folder>/<name>.md`` (the table) and ``<name>.png`` (the plot); returns the table."""
+def write_report(name: str, rows: list[dict[str, str]], folder: Path, header: str = "",
+                 bases: list[dict[str, str]] = ()) -> str:
+    """``<folder>/<name>.md`` (the tables) and ``<name>.png`` (the plot); returns the text."""
     if not rows:
         return ""
-    text = report(name, rows, header)
+    text = report(name, rows, header, bases)
     atomic_write_text(folder / f"{name}.md", text + f"\n![plot]({name}.png)\n")
     plot(name, rows, folder / f"{name}.png")
     return text
@@ -380,7 +475,18 @@ def merge_report(args: argparse.Namespace, command: str) -> str:
         raise SystemExit("error: --merge: the files hold no runs")
     header = (f"Command: `{command}`\n\nMerged from (first listed wins on a run found twice): "
               + "; ".join(sources) + ".")
-    return write_report(args.name, rows, folder, header)
+    return write_report(args.name, rows, folder, header, paired_rows(args.paired_with))
+
+
+def paired_rows(paths: list[str]) -> list[dict[str, str]]:
+    """The rows of the ``--paired-with`` CSVs (a missing file is an error, not an empty
+    section)."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"error: --paired-with: no such results file: {', '.join(missing)} "
+                         "(give the CSV of the runs without input noise, e.g. "
+                         "benchmarks/results/table1-cifar-cpu.csv)")
+    return [row for p in paths for row in ResultStore(Path(p)).rows()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, specs = grid_from_args(args)
     store = ResultStore(Path(args.results_dir) / f"{name}.csv")
+    bases = paired_rows(args.paired_with)  # before training: a typo fails now, not hours later
     if not args.report_only:
         if args.checkpoint_every < 0:
             raise SystemExit(f"error: --checkpoint-every takes seconds >= 0 (0: every epoch), "
@@ -408,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                  checkpoint_dir=None if args.no_checkpoints else checkpoint_folder(store),
                  checkpoint_every=args.checkpoint_every)
         print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
-    text = write_report(name, store.rows(), store.path.parent, header=f"Command: `{command}`")
+    text = write_report(name, store.rows(), store.path.parent, header=f"Command: `{command}`",
+                        bases=bases)
     print(text)
     if name == "demo":
         print_demo(store)

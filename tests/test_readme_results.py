@@ -1,8 +1,10 @@
-"""The README's CIFAR-10 ``all`` numbers match the committed results file.
+"""The README's CIFAR-10 numbers that land one multi-hour run at a time match the committed
+results files.
 
-That column fills one multi-hour run at a time, and its numbers are copied into two README
-tables by hand; one of them once kept showing set 1 after set 2 had landed. These tests
-compare both tables with ``benchmarks/results/table1-cifar-cpu.csv``.
+The ``all`` column of Table 1 is copied into two README tables by hand; one of them once kept
+showing set 1 after set 2 had landed. The appendix's tables come from its report, which a
+finishing run rewrites without the paired section unless it is regenerated with
+``--paired-with``. These tests compare the README with the CSVs and the reports.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 RESULTS = ROOT / "benchmarks" / "results" / "table1-cifar-cpu.csv"
+APPENDIX = ROOT / "benchmarks" / "results" / "appendix-cifar-cpu.md"
 
 
 def _all_column() -> dict[tuple[str, str], dict[int, float]]:
@@ -28,9 +31,10 @@ def _all_column() -> dict[tuple[str, str], dict[int, float]]:
     return runs
 
 
-def _rows_after(header: str, below: str = "") -> list[list[str]]:
-    """The cells of the first table whose header starts with ``header``, below text ``below``."""
-    lines = README.splitlines()
+def _rows_after(header: str, below: str = "", text: str = README) -> list[list[str]]:
+    """The cells of the first table of ``text`` whose header starts with ``header``, below
+    the line that holds ``below``."""
+    lines = text.splitlines()
     anchor = next(i for i, line in enumerate(lines) if below in line)
     start = next(i for i in range(anchor, len(lines)) if lines[i].startswith(header))
     rows = []
@@ -91,3 +95,62 @@ def test_summary_table_all_column_is_the_mean_of_the_sets_run():
         )
         checked += 1
     assert checked == len(runs)
+
+
+def _appendix_report() -> tuple[str, str]:
+    """The committed appendix report, and the same report written now from its CSV and the
+    ``--paired-with`` CSVs its command line names."""
+    import shlex
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.reproduce import paired_rows, parser, report
+    from latent_aug.grid import ResultStore
+
+    committed = APPENDIX.read_text(encoding="utf-8")
+    header = next(line for line in committed.splitlines() if line.startswith("Command: `"))
+    args = parser().parse_args(shlex.split(header.removeprefix("Command: `").rstrip("`"))[2:])
+    rows = ResultStore(APPENDIX.with_suffix(".csv")).rows()
+    bases = paired_rows([str(ROOT / path) for path in args.paired_with])
+    return committed, report(APPENDIX.stem, rows, header, bases)
+
+
+def test_appendix_report_is_written_from_the_committed_csvs():
+    committed, fresh = _appendix_report()
+    assert "input noise, paired by set" in committed, (
+        "appendix-cifar-cpu.md lacks its paired table: regenerate it with --report-only "
+        "--paired-with benchmarks/results/table1-cifar-cpu.csv"
+    )
+    assert committed.split("![plot]")[0].rstrip() == fresh.rstrip(), (
+        "appendix-cifar-cpu.md is not the report of the committed CSVs: regenerate it"
+    )
+
+
+def _readme_label(report_label: str) -> str:
+    """``recon_all_denoise [l2_reduction=mean]`` as the README writes it."""
+    method, _, options = report_label.partition(" [")
+    return f"`{method}`" + (f", `{options.rstrip(']')}`" if options else "")
+
+
+def test_readme_appendix_tables_are_the_reports():
+    committed = APPENDIX.read_text(encoding="utf-8")
+    measured = _rows_after("| method | 10 |", below="## cifar10", text=committed)
+    shown = _rows_after("| method | 10 |", below="**The CIFAR-10 appendix", text=README)
+    expected = []
+    for cells in measured:
+        row = [_readme_label(cells[0])]
+        for cell in cells[1:]:
+            match = re.fullmatch(r"([\d.]+)(?: ± [\d.]+)? \(([\d.]+); [-+][\d.]+\)"
+                                 r"(?: \[sets ([\d,]+)\])?", cell)
+            assert match, f"appendix report cell {cell!r}"
+            sets = match[3]
+            where = "" if not sets else f", set{'s' if ',' in sets else ''} {sets}"
+            row.append(f"{match[1]} ({match[2]}){where}")
+        expected.append(row)
+    assert shown == expected, "the README's CIFAR-10 appendix table is not the report's"
+
+    paired = _rows_after("| per class |", below="input noise, paired by set", text=committed)
+    shown = _rows_after("| per class |", below="What input noise does", text=README)
+    assert shown == paired, "the README's paired input-noise table is not the report's"
+    (total,) = [line for line in committed.splitlines() if line.startswith("Input noise is")]
+    assert total in README, f"the README lacks the report's count: {total!r}"

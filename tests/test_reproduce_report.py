@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pytest  # noqa: E402
@@ -180,3 +181,45 @@ def test_a_run_whose_loss_went_non_finite_is_marked_in_its_row_and_the_report():
            "last 90.00 %)." in text
     assert "non-finite" not in report("t", as_read[:1])
     assert "chance level" not in report("t", as_read[:1])
+
+
+def _row(method: str, per_class: int, split: int, error: float, **extra: str) -> dict[str, str]:
+    row = {"dataset": "cifar10", "method": method, "per_class": str(per_class),
+           "split": str(split), "test_error": str(error), "options": "", "device": "cpu",
+           "epochs": "120"}
+    return {**row, **extra}
+
+
+def test_input_noise_is_paired_by_set_size_options_and_device():
+    from benchmarks.reproduce import input_noise_effect, paired_differences
+
+    noisy = [_row("proposed_base_denoise", 100, s, e) for s, e in ((1, 56.0), (2, 55.0), (3, 57.0))]
+    noisy += [_row("recon_all_denoise", 100, 1, 60.0, options="l2_reduction=mean"),
+              _row("recon_one_denoise", 100, 1, 58.0, device="cuda")]
+    bases = [_row("proposed_base", 100, s, e) for s, e in ((1, 55.0), (2, 55.5), (3, 56.0))]
+    bases += [_row("recon_all", 100, 1, 1.0),  # other options: no pair
+              _row("recon_all", 100, 1, 59.5, options="l2_reduction=mean"),
+              _row("recon_one", 100, 1, 57.0),  # other device: no pair
+              _row("proposed_base", 200, 1, 50.0)]  # no noisy run at 200
+    diffs = paired_differences(noisy, bases)
+    assert diffs == {("cifar10", "proposed_base_denoise", 100): {1: 1.0, 2: -0.5, 3: 1.0},
+                     ("cifar10", "recon_all_denoise [l2_reduction=mean]", 100): {1: 0.5}}
+    text = "\n".join(input_noise_effect(noisy, bases))
+    per = PER_SET["cifar10"]
+    paper = mean(per["proposed_base_denoise"][s][100] - per["proposed_base"][s][100]
+                 for s in (1, 2, 3))
+    paper_all = per["recon_all_denoise"][1][100] - per["recon_all"][1][100]
+    assert "| per class | recon_all_denoise [l2_reduction=mean] | proposed_base_denoise |" in text
+    assert (f"| 100 | +0.50 ({paper_all:+.2f}): +0.50 [sets 1] | "
+            f"+0.50 ({paper:+.2f}): +1.00 / -0.50 / +1.00 |") in text
+    assert "Input noise is worse on 3 of 4 set pairs" in text
+    assert input_noise_effect(noisy) == []  # no base runs: no section
+
+
+def test_paired_with_names_a_missing_file_before_anything_runs(tmp_path: Path):
+    from benchmarks.reproduce import main
+
+    with pytest.raises(SystemExit, match="--paired-with: no such results file: .*nope.csv"):
+        main(["--dataset", "mnist", "--methods", "feed_forward", "--per-class", "2",
+              "--splits", "1", "--results-dir", str(tmp_path), "--report-only",
+              "--paired-with", str(tmp_path / "nope.csv")])
