@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from statistics import mean, pstdev
 
@@ -231,6 +232,7 @@ def report(name: str, rows: list[dict[str, str]], header: str = "",
                 cells.append(f"{c['mean']:.2f}{spread}{paper}{sets}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += against_feed_forward(rows, bases)
     lines += input_noise_effect(rows, bases)
     lines += training_failures(rows)
     if any(r["dataset"] == "cifar10" for r in rows):
@@ -243,85 +245,134 @@ def report(name: str, rows: list[dict[str, str]], header: str = "",
 DENOISE = "_denoise"
 
 
-def paired_differences(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
-                       ) -> dict[tuple, dict[int, float]]:
-    """``{(dataset, denoising label, per_class): {split: error - error without input noise}}``.
+def denoise_base(method: str) -> str | None:
+    """``recon_one_denoise`` -> ``recon_one``: the run a denoising variant is paired with."""
+    return method.removesuffix(DENOISE) if method.endswith(DENOISE) else None
 
-    A denoising run (``recon_one_denoise``) is paired with the run of its base method
-    (``recon_one``) that matches it in dataset, size, set, options, device and epochs, from
-    ``rows`` first, then ``bases``: the same seeds and data, so the difference is the input
-    noise's alone, not the set-to-set spread."""
+
+def feed_forward_base(method: str) -> str | None:
+    """Every Table 1 method but feed-forward is paired with feed-forward."""
+    return "feed_forward" if method in TABLE1_METHODS and method != "feed_forward" else None
+
+
+def paired_differences(rows: list[dict[str, str]], bases: list[dict[str, str]] = (),
+                       base_of: Callable[[str], str | None] = denoise_base
+                       ) -> dict[tuple, dict[int, float]]:
+    """``{(dataset, label, per_class): {split: error - its base run's error}}``.
+
+    A run is paired with the run of ``base_of(method)`` that matches it in dataset, size, set,
+    device, epochs and options (a base method that takes no options, as feed-forward, must
+    have none), found in ``rows`` first, then ``bases``: the same seeds and data, so the
+    difference is the method's alone, without the set-to-set spread."""
     def key(row: dict[str, str], method: str) -> tuple[str, ...]:
-        return (row["dataset"], method, row.get("options", ""), row["per_class"], row["split"],
+        options = row.get("options", "") if method in WRAPPED_METHODS else ""
+        return (row["dataset"], method, options, row["per_class"], row["split"],
                 row.get("device", ""), row.get("epochs", ""))
 
     pool: dict[tuple[str, ...], dict[str, str]] = {}
     for row in [*rows, *bases]:
+        if row["method"] not in WRAPPED_METHODS and row.get("options"):
+            continue  # not a run the pairing can name
         pool.setdefault(key(row, row["method"]), row)
     diffs: dict[tuple, dict[int, float]] = defaultdict(dict)
     for row in rows:
-        if not row["method"].endswith(DENOISE):
-            continue
-        base = pool.get(key(row, row["method"].removesuffix(DENOISE)))
+        base_method = base_of(row["method"])
+        base = pool.get(key(row, base_method)) if base_method else None
         if base is not None:
             cell = (row["dataset"], label(row), _size_key(row["per_class"]))
             diffs[cell][int(row["split"])] = float(row["test_error"]) - float(base["test_error"])
     return dict(diffs)
 
 
-def paper_difference(dataset: str, method: str, size, splits: list[int]) -> float | None:
-    """The paper's mean over ``splits`` of (denoising variant - its base method), by set."""
+def paper_difference(dataset: str, method: str, base: str, size, splits: list[int] | None
+                     ) -> float | None:
+    """The paper's mean over ``splits`` of (``method`` - ``base``), set by set. At ``all``
+    the paper gives one number per method, not per set: the difference of those for the mean
+    over any sets (``splits`` None or several), None for one set."""
+    if size == "all":
+        if splits is not None and len(splits) == 1:
+            return None
+        try:
+            return TABLE1[dataset][method][size] - TABLE1[dataset][base][size]
+        except KeyError:
+            return None
     per = PER_SET.get(dataset, {})
-    base = method.removesuffix(DENOISE)
     try:
         return mean(per[method][s][size] - per[base][s][size] for s in splits)
-    except KeyError:
+    except (KeyError, TypeError):
         return None
+
+
+def _signed(measured: float, paper: float | None) -> str:
+    """``+0.09 (-0.12)``; rounded at 1e-9 first, so that a mean of differences of
+    two-decimal errors rounds as in decimal (0.085 to 0.09, not its float 0.08499...)."""
+    text = lambda x: f"{round(x, 9):+.2f}"  # noqa: E731
+    return text(measured) + (f" ({text(paper)})" if paper is not None else "")
+
+
+def paired_section(rows: list[dict[str, str]], bases: list[dict[str, str]],
+                   base_of: Callable[[str], str | None], title: str, explain: str,
+                   counts: str, counted: Callable[[float], bool]) -> list[str]:
+    """Report lines: one table per dataset of :func:`paired_differences`, a row per (size,
+    method), the mean over the sets and each set's, each beside the paper's; then, per
+    method, on how many set pairs ``counted(difference)`` holds. Empty without pairs."""
+    diffs = paired_differences(rows, bases, base_of)
+    lines: list[str] = []
+    order = list(METHODS)
+    for dataset in sorted({k[0] for k in diffs}):
+        cells = {k[1:]: v for k, v in diffs.items() if k[0] == dataset}
+        methods = sorted({m for m, _ in cells}, key=lambda m: (order.index(method_of(m)), m))
+        sizes = sorted({s for _, s in cells}, key=lambda s: 10**9 if s == "all" else s)
+        lines += [f"## {dataset}: {title}", "", explain, "",
+                  "| per class | method | mean (paper) | set 1 | set 2 | set 3 |",
+                  "|---|---|---:|---:|---:|---:|"]
+        tally: dict[str, list[int]] = {m: [0, 0, 0, 0] for m in methods}
+        for size in sizes:
+            for m in methods:
+                by_set = cells.get((m, size))
+                if not by_set:
+                    continue
+                method = method_of(m)
+                paper = {s: paper_difference(dataset, method, base_of(method), size, [s])
+                         for s in by_set}
+                paper_mean = paper_difference(dataset, method, base_of(method), size,
+                                              None if size == "all" else sorted(by_set))
+                row = [_signed(mean(by_set.values()), paper_mean)]
+                row += [_signed(by_set[s], paper[s]) if s in by_set else "" for s in (1, 2, 3)]
+                lines.append(f"| {size} | {m} | " + " | ".join(row) + " |")
+                for s, d in by_set.items():
+                    tally[m][0] += counted(d)
+                    tally[m][1] += 1
+                    if paper[s] is not None:
+                        tally[m][2] += counted(paper[s])
+                        tally[m][3] += 1
+        total = [sum(t[i] for t in tally.values()) for i in range(4)]
+        each = "; ".join(f"{m} {t[0]} of {t[1]} ({t[2]} of {t[3]})" for m, t in tally.items())
+        lines += ["", f"{counts} {total[0]} of {total[1]} set pairs (the paper: {total[2]} of "
+                  f"{total[3]}); by method, the paper's in brackets: {each}.", ""]
+    return lines
 
 
 def input_noise_effect(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
                        ) -> list[str]:
-    """Report lines: what input noise does to each method, paired by set
-    (:func:`paired_differences`), one table per dataset with a row per size; empty when no
-    denoising run has its base run."""
-    diffs = paired_differences(rows, bases)
-    lines: list[str] = []
-    for dataset in sorted({k[0] for k in diffs}):
-        cells = {k[1:]: v for k, v in diffs.items() if k[0] == dataset}
-        order = list(METHODS)
-        methods = sorted({m for m, _ in cells}, key=lambda m: (order.index(method_of(m)), m))
-        sizes = sorted({s for _, s in cells}, key=lambda s: 10**9 if s == "all" else s)
-        lines += [f"## {dataset}: input noise, paired by set", "",
-                  "Each cell: denoising variant − the same method without input noise, on the "
-                  "same set, size, options and device (positive: input noise hurts); the mean "
-                  "over the sets (the paper's over the same sets); then each set's.", "",
-                  "| per class | " + " | ".join(methods) + " |",
-                  "|---|" + "---|" * len(methods)]
-        worse = paper_worse = paper_pairs = 0
-        for size in sizes:
-            row = []
-            for m in methods:
-                by_set = cells.get((m, size))
-                if not by_set:
-                    row.append("")
-                    continue
-                splits = sorted(by_set)
-                p = paper_difference(dataset, method_of(m), size, splits)
-                paper = f" ({p:+.2f})" if p is not None else ""
-                sets = "" if splits == [1, 2, 3] else f" [sets {','.join(map(str, splits))}]"
-                each = " / ".join(f"{by_set[s]:+.2f}" for s in splits)
-                row.append(f"{mean(by_set.values()):+.2f}{paper}: {each}{sets}")
-                worse += sum(d > 0 for d in by_set.values())
-                for s in splits:
-                    p_set = paper_difference(dataset, method_of(m), size, [s])
-                    if p_set is not None:
-                        paper_pairs += 1
-                        paper_worse += p_set > 0
-            lines.append(f"| {size} | " + " | ".join(row) + " |")
-        pairs = sum(len(v) for v in cells.values())
-        lines += ["", f"Input noise is worse on {worse} of {pairs} set pairs (the paper: "
-                  f"{paper_worse} of {paper_pairs}).", ""]
-    return lines
+    """What input noise does: each denoising variant minus its base method, by set."""
+    return paired_section(
+        rows, bases, denoise_base, "input noise, paired by set",
+        "Each denoising variant minus the same method without input noise, on the same set, "
+        "size, options and device (positive: input noise hurts), in points of test error; "
+        "the paper's difference on the same sets in brackets.",
+        "Input noise is worse on", lambda d: d > 0)
+
+
+def against_feed_forward(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
+                         ) -> list[str]:
+    """Each Table 1 method minus feed-forward, by set."""
+    return paired_section(
+        rows, bases, feed_forward_base, "against feed-forward, paired by set",
+        "Each method minus feed-forward on the same set, size and device (negative: the "
+        "method is better), in points of test error; the paper's difference on the same sets "
+        "in brackets.",
+        "The methods are ahead of feed-forward on", lambda d: d < 0)
 
 
 CHANCE_MARGIN = 2.0  # points below chance (90 % for 10 classes) that still count as chance

@@ -14,6 +14,8 @@ import re
 import statistics
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 RESULTS = ROOT / "benchmarks" / "results" / "table1-cifar-cpu.csv"
@@ -97,8 +99,11 @@ def test_summary_table_all_column_is_the_mean_of_the_sets_run():
     assert checked == len(runs)
 
 
-def _appendix_report() -> tuple[str, str]:
-    """The committed appendix report, and the same report written now from its CSV and the
+TABLE1_REPORT = RESULTS.with_suffix(".md")
+
+
+def _report(path: Path) -> tuple[str, str]:
+    """A committed report, and the same report written now from its CSV and the
     ``--paired-with`` CSVs its command line names."""
     import shlex
     import sys
@@ -107,23 +112,46 @@ def _appendix_report() -> tuple[str, str]:
     from benchmarks.reproduce import paired_rows, parser, report
     from latent_aug.grid import ResultStore
 
-    committed = APPENDIX.read_text(encoding="utf-8")
+    committed = path.read_text(encoding="utf-8")
     header = next(line for line in committed.splitlines() if line.startswith("Command: `"))
     args = parser().parse_args(shlex.split(header.removeprefix("Command: `").rstrip("`"))[2:])
-    rows = ResultStore(APPENDIX.with_suffix(".csv")).rows()
-    bases = paired_rows([str(ROOT / path) for path in args.paired_with])
-    return committed, report(APPENDIX.stem, rows, header, bases)
+    rows = ResultStore(path.with_suffix(".csv")).rows()
+    bases = paired_rows([str(ROOT / p) for p in args.paired_with])
+    return committed, report(path.stem, rows, header, bases)
 
 
-def test_appendix_report_is_written_from_the_committed_csvs():
-    committed, fresh = _appendix_report()
-    assert "input noise, paired by set" in committed, (
-        "appendix-cifar-cpu.md lacks its paired table: regenerate it with --report-only "
-        "--paired-with benchmarks/results/table1-cifar-cpu.csv"
+@pytest.mark.parametrize("path", [APPENDIX, TABLE1_REPORT], ids=lambda p: p.stem)
+def test_cifar_reports_are_written_from_the_committed_csvs(path: Path):
+    committed, fresh = _report(path)
+    assert "paired by set" in committed, (
+        f"{path.name} lacks its paired table: regenerate it with the command on its "
+        "`Command:` line and --report-only (appendix: --paired-with "
+        "benchmarks/results/table1-cifar-cpu.csv)"
     )
     assert committed.split("![plot]")[0].rstrip() == fresh.rstrip(), (
-        "appendix-cifar-cpu.md is not the report of the committed CSVs: regenerate it"
+        f"{path.name} is not the report of the committed CSVs: regenerate it with the "
+        "command on its `Command:` line and --report-only"
     )
+
+
+def test_readme_feed_forward_table_is_the_reports_mean_column():
+    committed = TABLE1_REPORT.read_text(encoding="utf-8")
+    means = {}
+    for cells in _rows_after("| per class | method |", below="against feed-forward, paired",
+                             text=committed):
+        means[cells[1], cells[0]] = cells[2]
+    lines = README.splitlines()
+    anchor = next(i for i, line in enumerate(lines)
+                  if line.startswith("**Paired by set against feed-forward**"))
+    header = next(line for line in lines[anchor:] if line.startswith("| method | 10 |"))
+    sizes = [cell.strip() for cell in header.strip("|").split("|")][1:]
+    rows = _rows_after("| method | 10 |", below="**Paired by set against feed-forward**")
+    assert rows, "the README lost its table of differences from feed-forward"
+    for cells in rows:
+        expected = [means.get((cells[0], size), "") for size in sizes]
+        assert cells[1:] == expected, (
+            f"README row {cells[0]} against feed-forward: {cells[1:]}, the report has {expected}"
+        )
 
 
 def _readme_label(report_label: str) -> str:
@@ -149,8 +177,9 @@ def test_readme_appendix_tables_are_the_reports():
         expected.append(row)
     assert shown == expected, "the README's CIFAR-10 appendix table is not the report's"
 
-    paired = _rows_after("| per class |", below="input noise, paired by set", text=committed)
-    shown = _rows_after("| per class |", below="What input noise does", text=README)
+    paired = _rows_after("| per class | method |", below="input noise, paired by set",
+                         text=committed)
+    shown = _rows_after("| per class | method |", below="What input noise does", text=README)
     assert shown == paired, "the README's paired input-noise table is not the report's"
     (total,) = [line for line in committed.splitlines() if line.startswith("Input noise is")]
     assert total in README, f"the README lacks the report's count: {total!r}"
