@@ -251,8 +251,10 @@ def denoise_base(method: str) -> str | None:
 
 
 def feed_forward_base(method: str) -> str | None:
-    """Every Table 1 method but feed-forward is paired with feed-forward."""
-    return "feed_forward" if method in TABLE1_METHODS and method != "feed_forward" else None
+    """The Table 1 methods and the peer regularizers are paired with feed-forward (the
+    denoising variants have their own table; the ladder network is another net)."""
+    paired = method not in ("feed_forward", "ladder") and denoise_base(method) is None
+    return "feed_forward" if paired else None
 
 
 def paired_differences(rows: list[dict[str, str]], bases: list[dict[str, str]] = (),
@@ -347,9 +349,12 @@ def paired_section(rows: list[dict[str, str]], bases: list[dict[str, str]],
                         tally[m][2] += counted(paper[s])
                         tally[m][3] += 1
         total = [sum(t[i] for t in tally.values()) for i in range(4)]
-        each = "; ".join(f"{m} {t[0]} of {t[1]} ({t[2]} of {t[3]})" for m, t in tally.items())
-        lines += ["", f"{counts} {total[0]} of {total[1]} set pairs (the paper: {total[2]} of "
-                  f"{total[3]}); by method, the paper's in brackets: {each}.", ""]
+        paper_text = lambda t: f" ({t[2]} of {t[3]})" if t[3] else ""  # noqa: E731
+        each = "; ".join(f"{m} {t[0]} of {t[1]}{paper_text(t)}" for m, t in tally.items())
+        lines += ["", f"{counts} {total[0]} of {total[1]} set pairs"
+                  + (f" (the paper: {total[2]} of {total[3]})" if total[3] else "")
+                  + "; by method" + (", the paper's in brackets" if total[3] else "")
+                  + f": {each}.", ""]
     return lines
 
 
@@ -366,7 +371,7 @@ def input_noise_effect(rows: list[dict[str, str]], bases: list[dict[str, str]] =
 
 def against_feed_forward(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
                          ) -> list[str]:
-    """Each Table 1 method minus feed-forward, by set."""
+    """Each Table 1 method and peer regularizer minus feed-forward, by set."""
     return paired_section(
         rows, bases, feed_forward_base, "against feed-forward, paired by set",
         "Each method minus feed-forward on the same set, size and device (negative: the "

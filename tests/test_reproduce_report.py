@@ -238,7 +238,9 @@ def test_methods_are_paired_with_feed_forward_whatever_their_options():
     # and the mean of -0.44 and +0.61 rounds as in decimal
     assert "| all | recon_one | +0.09 (-0.12) | -0.44 | +0.61 |  |" in text
     assert "recon_one_denoise" not in text
-    assert "ahead of feed-forward on 2 of 4 set pairs" in text
+    assert "ahead of feed-forward on 2 of 4 set pairs (the paper: " in text
+    only_all = "\n".join(against_feed_forward([r for r in runs if r["per_class"] == "all"]))
+    assert "ahead of feed-forward on 1 of 2 set pairs; by method: recon_one 1 of 2." in only_all
 
 
 def test_paired_with_names_a_missing_file_before_anything_runs(tmp_path: Path):
