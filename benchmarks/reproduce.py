@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from statistics import mean, pstdev
+from typing import NamedTuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -358,26 +359,40 @@ def paired_section(rows: list[dict[str, str]], bases: list[dict[str, str]],
     return lines
 
 
+class Pairing(NamedTuple):
+    """One paired table of the report: which run each method is paired with, and how the
+    table reads."""
+
+    base_of: Callable[[str], str | None]
+    title: str
+    explain: str
+    counts: str  # "... on" k of n set pairs
+    counted: Callable[[float], bool]
+
+
+AGAINST_FEED_FORWARD = Pairing(
+    feed_forward_base, "against feed-forward, paired by set",
+    "Each method minus feed-forward on the same set, size and device (negative: the method is "
+    "better), in points of test error; the paper's difference on the same sets in brackets.",
+    "The methods are ahead of feed-forward on", lambda d: d < 0)
+INPUT_NOISE = Pairing(
+    denoise_base, "input noise, paired by set",
+    "Each denoising variant minus the same method without input noise, on the same set, size, "
+    "options and device (positive: input noise hurts), in points of test error; the paper's "
+    "difference on the same sets in brackets.",
+    "Input noise is worse on", lambda d: d > 0)
+
+
 def input_noise_effect(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
                        ) -> list[str]:
     """What input noise does: each denoising variant minus its base method, by set."""
-    return paired_section(
-        rows, bases, denoise_base, "input noise, paired by set",
-        "Each denoising variant minus the same method without input noise, on the same set, "
-        "size, options and device (positive: input noise hurts), in points of test error; "
-        "the paper's difference on the same sets in brackets.",
-        "Input noise is worse on", lambda d: d > 0)
+    return paired_section(rows, bases, *INPUT_NOISE)
 
 
 def against_feed_forward(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
                          ) -> list[str]:
     """Each Table 1 method and peer regularizer minus feed-forward, by set."""
-    return paired_section(
-        rows, bases, feed_forward_base, "against feed-forward, paired by set",
-        "Each method minus feed-forward on the same set, size and device (negative: the "
-        "method is better), in points of test error; the paper's difference on the same sets "
-        "in brackets.",
-        "The methods are ahead of feed-forward on", lambda d: d < 0)
+    return paired_section(rows, bases, *AGAINST_FEED_FORWARD)
 
 
 CHANCE_MARGIN = 2.0  # points below chance (90 % for 10 classes) that still count as chance
