@@ -201,9 +201,9 @@ def paper_value(dataset: str, method: str, size, splits: list[int]) -> float | N
 
 def report(name: str, rows: list[dict[str, str]], header: str = "",
            bases: list[dict[str, str]] = ()) -> str:
-    """The markdown report: Table 1's layout with the paper beside each cell, the denoising
-    variants paired with ``rows`` + ``bases`` (:func:`input_noise_effect`), then failed runs
-    and issue 3's criterion."""
+    """The markdown report: Table 1's layout with the paper beside each cell, the paired
+    tables of :data:`PAIRINGS` (runs of ``rows`` paired within ``rows`` + ``bases``), then
+    failed runs and issue 3's criterion."""
     summary = summarize(rows)
     lines = [f"# {name}: measured test error (%) vs. the paper", ""]
     if header:
@@ -233,8 +233,8 @@ def report(name: str, rows: list[dict[str, str]], header: str = "",
                 cells.append(f"{c['mean']:.2f}{spread}{paper}{sets}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += against_feed_forward(rows, bases)
-    lines += input_noise_effect(rows, bases)
+    for pairing in PAIRINGS:
+        lines += paired_section(rows, bases, *pairing)
     lines += training_failures(rows)
     if any(r["dataset"] == "cifar10" for r in rows):
         lines += ["CIFAR-10 numbers are measured on the JPEG re-encoded copy (quality ~75), so "
@@ -375,6 +375,13 @@ AGAINST_FEED_FORWARD = Pairing(
     "Each method minus feed-forward on the same set, size and device (negative: the method is "
     "better), in points of test error; the paper's difference on the same sets in brackets.",
     "The methods are ahead of feed-forward on", lambda d: d < 0)
+CLASS_CONDITIONAL_VS_RANDOM = Pairing(
+    lambda m: "perturb_random" if m == "perturb_class_conditional" else None,
+    "class-conditional against random noise, paired by set",
+    "Class-conditional noise minus random noise with the same options, on the same set, size "
+    "and device (negative: class-conditional is better; the paper's central comparison), in "
+    "points of test error; the paper's difference on the same sets in brackets.",
+    "Class-conditional noise is ahead of random noise on", lambda d: d < 0)
 INPUT_NOISE = Pairing(
     denoise_base, "input noise, paired by set",
     "Each denoising variant minus the same method without input noise, on the same set, size, "
@@ -383,16 +390,7 @@ INPUT_NOISE = Pairing(
     "Input noise is worse on", lambda d: d > 0)
 
 
-def input_noise_effect(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
-                       ) -> list[str]:
-    """What input noise does: each denoising variant minus its base method, by set."""
-    return paired_section(rows, bases, *INPUT_NOISE)
-
-
-def against_feed_forward(rows: list[dict[str, str]], bases: list[dict[str, str]] = ()
-                         ) -> list[str]:
-    """Each Table 1 method and peer regularizer minus feed-forward, by set."""
-    return paired_section(rows, bases, *AGAINST_FEED_FORWARD)
+PAIRINGS = (AGAINST_FEED_FORWARD, CLASS_CONDITIONAL_VS_RANDOM, INPUT_NOISE)
 
 
 CHANCE_MARGIN = 2.0  # points below chance (90 % for 10 classes) that still count as chance

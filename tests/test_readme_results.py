@@ -183,3 +183,15 @@ def test_readme_appendix_tables_are_the_reports():
     assert shown == paired, "the README's paired input-noise table is not the report's"
     (total,) = [line for line in committed.splitlines() if line.startswith("Input noise is")]
     assert total in README, f"the README lacks the report's count: {total!r}"
+
+
+@pytest.mark.parametrize("report", ["table1-cifar-cpu.md", "table1-mnist-merged.md"])
+def test_readme_counts_class_conditional_against_random_as_the_report(report: str):
+    text = (ROOT / "benchmarks" / "results" / report).read_text(encoding="utf-8")
+    (line,) = [x for x in text.splitlines() if x.startswith("Class-conditional noise is ahead")]
+    match = re.search(r"[:;] perturb_class_conditional (\d+ of \d+) \((\d+ of \d+)\)", line)
+    assert match, line
+    claim = f"ahead of random noise on {match[1]} set pairs (the paper {match[2]}"
+    assert claim in " ".join(README.split()), (
+        f"the README does not give {report}'s count: {match[1]} ({match[2]})"
+    )

@@ -191,7 +191,7 @@ def _row(method: str, per_class: int, split: int, error: float, **extra: str) ->
 
 
 def test_input_noise_is_paired_by_set_size_options_and_device():
-    from benchmarks.reproduce import input_noise_effect, paired_differences
+    from benchmarks.reproduce import INPUT_NOISE, paired_differences, paired_section
 
     noisy = [_row("proposed_base_denoise", 100, s, e) for s, e in ((1, 56.0), (2, 55.0), (3, 57.0))]
     noisy += [_row("recon_all_denoise", 100, 1, 60.0, options="l2_reduction=mean"),
@@ -204,7 +204,7 @@ def test_input_noise_is_paired_by_set_size_options_and_device():
     diffs = paired_differences(noisy, bases)
     assert diffs == {("cifar10", "proposed_base_denoise", 100): {1: 1.0, 2: -0.5, 3: 1.0},
                      ("cifar10", "recon_all_denoise [l2_reduction=mean]", 100): {1: 0.5}}
-    text = "\n".join(input_noise_effect(noisy, bases))
+    text = "\n".join(paired_section(noisy, bases, *INPUT_NOISE))
     per = PER_SET["cifar10"]
     paper = {s: per["proposed_base_denoise"][s][100] - per["proposed_base"][s][100]
              for s in (1, 2, 3)}
@@ -217,11 +217,14 @@ def test_input_noise_is_paired_by_set_size_options_and_device():
     worse = sum(d > 0 for d in [*paper.values(), paper_all])
     assert f"Input noise is worse on 3 of 4 set pairs (the paper: {worse} of 4)" in text
     assert "proposed_base_denoise 2 of 3 (" in text
-    assert input_noise_effect(noisy) == []  # no base runs: no section
+    assert paired_section(noisy, [], *INPUT_NOISE) == []  # no base runs: no section
 
 
 def test_methods_are_paired_with_feed_forward_whatever_their_options():
-    from benchmarks.reproduce import against_feed_forward
+    from benchmarks.reproduce import AGAINST_FEED_FORWARD, paired_section
+
+    def against_feed_forward(runs):
+        return paired_section(runs, [], *AGAINST_FEED_FORWARD)
 
     runs = [_row("feed_forward", 50, 1, 61.0), _row("feed_forward", 50, 2, 62.0),
             _row("feed_forward", "all", 1, 22.30), _row("feed_forward", "all", 2, 21.89),
@@ -250,3 +253,21 @@ def test_paired_with_names_a_missing_file_before_anything_runs(tmp_path: Path):
         main(["--dataset", "mnist", "--methods", "feed_forward", "--per-class", "2",
               "--splits", "1", "--results-dir", str(tmp_path), "--report-only",
               "--paired-with", str(tmp_path / "nope.csv")])
+
+
+def test_class_conditional_is_paired_with_random_noise_of_the_same_options():
+    from benchmarks.reproduce import CLASS_CONDITIONAL_VS_RANDOM, paired_section
+
+    logits = "noise_range=batch;y_space=logits"
+    runs = [_row("perturb_random", 200, 1, 48.0), _row("perturb_class_conditional", 200, 1, 49.0),
+            _row("perturb_random", 200, 2, 47.0, options=logits),
+            _row("perturb_class_conditional", 200, 2, 46.5, options=logits),
+            _row("perturb_class_conditional", 200, 3, 40.0, options=logits)]  # no random run
+    text = "\n".join(paired_section(runs, [], *CLASS_CONDITIONAL_VS_RANDOM))
+    per = PER_SET["cifar10"]
+    paper = {s: per["perturb_class_conditional"][s][200] - per["perturb_random"][s][200]
+             for s in (1, 2)}
+    assert f"| 200 | perturb_class_conditional | +1.00 ({paper[1]:+.2f}) | +1.00 (" in text
+    assert (f"| 200 | perturb_class_conditional [{logits}] | -0.50 ({paper[2]:+.2f}) |  | "
+            f"-0.50 ({paper[2]:+.2f}) |  |") in text
+    assert "ahead of random noise on 1 of 2 set pairs" in text
