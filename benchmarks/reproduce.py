@@ -114,10 +114,10 @@ def parser() -> argparse.ArgumentParser:
                    help="where <name>.csv/.md/.png go (default: benchmarks/results)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
     p.add_argument("--paired-with", nargs="+", default=[], metavar="CSV",
-                   help="results CSVs that hold the runs without input noise (e.g. "
-                        "table1-cifar-cpu.csv for appendix-cifar-cpu): the report then pairs "
-                        "each denoising variant with them by set (same size, set, options, "
-                        "device and epochs)")
+                   help="results CSVs whose runs the report's paired tables may use as the "
+                        "other side of a pair (same size, set, options, device and epochs), "
+                        "e.g. table1-cifar-cpu.csv, the runs without input noise of "
+                        "appendix-cifar-cpu's denoising variants")
     p.add_argument("--merge", nargs="+", metavar="CSV",
                    help="report only: one table from several results CSVs (e.g. a CUDA grid "
                         "and the CPU runs it missed) as <results-dir>/<name>.md/.png; on a "
