@@ -1,10 +1,10 @@
-"""The README's CIFAR-10 numbers that land one multi-hour run at a time match the committed
-results files.
+"""The README's result tables match the committed results files.
 
-The ``all`` column of Table 1 is copied into two README tables by hand; one of them once kept
-showing set 1 after set 2 had landed. The appendix's tables come from its report, which a
-finishing run rewrites without the paired section unless it is regenerated with
-``--paired-with``. These tests compare the README with the CSVs and the reports.
+The CIFAR-10 ``all`` column of Table 1 is copied into two README tables by hand; one of them
+once kept showing set 1 after set 2 had landed. The appendix and paired tables come from the
+reports, which a finishing run rewrites (the CIFAR-10 appendix's without its paired section
+unless regenerated with ``--paired-with``). These tests compare the README with the CSVs and
+the reports, and the reports with what their command lines write from the CSVs.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 RESULTS = ROOT / "benchmarks" / "results" / "table1-cifar-cpu.csv"
 APPENDIX = ROOT / "benchmarks" / "results" / "appendix-cifar-cpu.md"
+MNIST_APPENDIX = ROOT / "benchmarks" / "results" / "appendix-mnist-cpu.md"
 
 
 def _all_column() -> dict[tuple[str, str], dict[int, float]]:
@@ -120,7 +121,7 @@ def _report(path: Path) -> tuple[str, str]:
     return committed, report(path.stem, rows, header, bases)
 
 
-@pytest.mark.parametrize("path", [APPENDIX, TABLE1_REPORT], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [APPENDIX, TABLE1_REPORT, MNIST_APPENDIX], ids=lambda p: p.stem)
 def test_cifar_reports_are_written_from_the_committed_csvs(path: Path):
     committed, fresh = _report(path)
     assert "paired by set" in committed, (
@@ -160,29 +161,37 @@ def _readme_label(report_label: str) -> str:
     return f"`{method}`" + (f", `{options.rstrip(']')}`" if options else "")
 
 
-def test_readme_appendix_tables_are_the_reports():
-    committed = APPENDIX.read_text(encoding="utf-8")
-    measured = _rows_after("| method | 10 |", below="## cifar10", text=committed)
-    shown = _rows_after("| method | 10 |", below="**The CIFAR-10 appendix", text=README)
+APPENDIX_TABLES = [  # report, its table's section, the README's anchors of the two tables
+    (APPENDIX, "## cifar10", "**The CIFAR-10 appendix", "What input noise does, paired by set"),
+    (MNIST_APPENDIX, "## mnist", "**Appendix on CPU** (MNIST", "**Input noise on MNIST, paired"),
+]
+
+
+@pytest.mark.parametrize("path, section, measured_at, paired_at", APPENDIX_TABLES,
+                         ids=lambda x: x.stem if isinstance(x, Path) else "")
+def test_readme_appendix_tables_are_the_reports(path, section, measured_at, paired_at):
+    committed = path.read_text(encoding="utf-8")
+    measured = _rows_after("| method | 10 |", below=section, text=committed)
+    shown = _rows_after("| method | 10 |", below=measured_at, text=README)
     expected = []
     for cells in measured:
         row = [_readme_label(cells[0])]
         for cell in cells[1:]:
             match = re.fullmatch(r"([\d.]+)(?: ± [\d.]+)? \(([\d.]+); [-+][\d.]+\)"
                                  r"(?: \[sets ([\d,]+)\])?", cell)
-            assert match, f"appendix report cell {cell!r}"
+            assert match, f"{path.name} cell {cell!r}"
             sets = match[3]
             where = "" if not sets else f", set{'s' if ',' in sets else ''} {sets}"
             row.append(f"{match[1]} ({match[2]}){where}")
         expected.append(row)
-    assert shown == expected, "the README's CIFAR-10 appendix table is not the report's"
+    assert shown == expected, f"the README's table of {path.name} is not the report's"
 
     paired = _rows_after("| per class | method |", below="input noise, paired by set",
                          text=committed)
-    shown = _rows_after("| per class | method |", below="What input noise does", text=README)
-    assert shown == paired, "the README's paired input-noise table is not the report's"
+    shown = _rows_after("| per class | method |", below=paired_at, text=README)
+    assert shown == paired, f"the README's paired input-noise table is not {path.name}'s"
     (total,) = [line for line in committed.splitlines() if line.startswith("Input noise is")]
-    assert total in README, f"the README lacks the report's count: {total!r}"
+    assert total in README, f"the README lacks {path.name}'s count: {total!r}"
 
 
 @pytest.mark.parametrize("report", ["table1-cifar-cpu.md", "table1-mnist-merged.md"])
