@@ -547,6 +547,12 @@ def merge_report(args: argparse.Namespace, command: str) -> str:
     return write_report(args.name, rows, folder, header, paired_rows(args.paired_with))
 
 
+def unpaired_denoising(rows: list[dict[str, str]], bases: list[dict[str, str]]) -> list[str]:
+    """The denoising variants in ``rows`` of which no run found its base run."""
+    paired = {k[1] for k in paired_differences(rows, bases, denoise_base)}
+    return sorted({label(r) for r in rows if denoise_base(r["method"])} - paired)
+
+
 def paired_rows(paths: list[str]) -> list[dict[str, str]]:
     """The rows of the ``--paired-with`` CSVs (a missing file is an error, not an empty
     section)."""
@@ -584,9 +590,15 @@ def main(argv: list[str] | None = None) -> int:
                  checkpoint_dir=None if args.no_checkpoints else checkpoint_folder(store),
                  checkpoint_every=args.checkpoint_every)
         print(f"grid wall time: {time.perf_counter() - start:.1f} s ({workers} workers)")
-    text = write_report(name, store.rows(), store.path.parent, header=f"Command: `{command}`",
+    rows = store.rows()
+    text = write_report(name, rows, store.path.parent, header=f"Command: `{command}`",
                         bases=bases)
     print(text)
+    if unpaired := unpaired_denoising(rows, bases):
+        print(f"note: {', '.join(unpaired)} have no run without input noise to pair with; "
+              "name the CSV that holds them with --paired-with (e.g. --paired-with "
+              "benchmarks/results/table1-cifar-cpu.csv) for the report's input-noise table",
+              file=sys.stderr)
     if name == "demo":
         print_demo(store)
     return 0

@@ -271,3 +271,17 @@ def test_class_conditional_is_paired_with_random_noise_of_the_same_options():
     assert (f"| 200 | perturb_class_conditional [{logits}] | -0.50 ({paper[2]:+.2f}) |  | "
             f"-0.50 ({paper[2]:+.2f}) |  |") in text
     assert "ahead of random noise on 1 of 2 set pairs" in text
+
+
+def test_report_names_denoising_runs_left_without_a_pair(tmp_path: Path, capsys):
+    from benchmarks.reproduce import main
+
+    _store(tmp_path / "noisy.csv", [("proposed_base_denoise", 100, 1, 4.2, "cpu")])
+    grid = ["--dataset", "mnist", "--methods", "proposed_base_denoise", "--per-class", "100",
+            "--splits", "1", "--name", "noisy", "--results-dir", str(tmp_path), "--report-only"]
+    main(grid)
+    assert "note: proposed_base_denoise have no run without input noise" in capsys.readouterr().err
+    bases = _store(tmp_path / "bases.csv", [("proposed_base", 100, 1, 4.0, "cpu")])
+    main([*grid, "--paired-with", str(bases)])
+    assert "no run without input noise" not in capsys.readouterr().err
+    assert "| 100 | proposed_base_denoise | +0.20 (" in (tmp_path / "noisy.md").read_text()
