@@ -21,6 +21,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 RESULTS = ROOT / "benchmarks" / "results" / "table1-cifar-cpu.csv"
 APPENDIX = ROOT / "benchmarks" / "results" / "appendix-cifar-cpu.md"
 MNIST_APPENDIX = ROOT / "benchmarks" / "results" / "appendix-mnist-cpu.md"
+TABLE1_REPORT = RESULTS.with_suffix(".md")
 
 
 def _all_column() -> dict[tuple[str, str], dict[int, float]]:
@@ -100,9 +101,6 @@ def test_summary_table_all_column_is_the_mean_of_the_sets_run():
     assert checked == len(runs)
 
 
-TABLE1_REPORT = RESULTS.with_suffix(".md")
-
-
 def _report(path: Path) -> tuple[str, str]:
     """A committed report, and the same report written now from its CSV and the
     ``--paired-with`` CSVs its command line names."""
@@ -122,11 +120,11 @@ def _report(path: Path) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("path", [APPENDIX, TABLE1_REPORT, MNIST_APPENDIX], ids=lambda p: p.stem)
-def test_cifar_reports_are_written_from_the_committed_csvs(path: Path):
+def test_reports_are_written_from_the_committed_csvs(path: Path):
     committed, fresh = _report(path)
     assert "paired by set" in committed, (
         f"{path.name} lacks its paired table: regenerate it with the command on its "
-        "`Command:` line and --report-only (appendix: --paired-with "
+        "`Command:` line and --report-only (the CIFAR-10 appendix also needs --paired-with "
         "benchmarks/results/table1-cifar-cpu.csv)"
     )
     assert committed.split("![plot]")[0].rstrip() == fresh.rstrip(), (
