@@ -133,63 +133,58 @@ def test_reports_are_written_from_the_committed_csvs(path: Path):
     )
 
 
-def test_readme_feed_forward_table_is_the_reports_mean_column():
-    committed = TABLE1_REPORT.read_text(encoding="utf-8")
-    means = {}
-    for cells in _rows_after("| per class | method |", below="against feed-forward, paired",
-                             text=committed):
-        means[cells[1], cells[0]] = cells[2]
-    lines = README.splitlines()
-    anchor = next(i for i, line in enumerate(lines)
-                  if line.startswith("**Paired by set against feed-forward**"))
-    header = next(line for line in lines[anchor:] if line.startswith("| method | 10 |"))
-    sizes = [cell.strip() for cell in header.strip("|").split("|")][1:]
-    rows = _rows_after("| method | 10 |", below="**Paired by set against feed-forward**")
-    assert rows, "the README lost its table of differences from feed-forward"
-    for cells in rows:
-        expected = [means.get((cells[0], size), "") for size in sizes]
-        assert cells[1:] == expected, (
-            f"README row {cells[0]} against feed-forward: {cells[1:]}, the report has {expected}"
-        )
+def _readme_tables():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import readme_tables
+
+    return readme_tables
 
 
-def _readme_label(report_label: str) -> str:
-    """``recon_all_denoise [l2_reduction=mean]`` as the README writes it."""
-    method, _, options = report_label.partition(" [")
-    return f"`{method}`" + (f", `{options.rstrip(']')}`" if options else "")
+def test_readme_tables_are_the_reports():
+    """The feed-forward matrix and both appendices' tables and counts (``python
+    benchmarks/readme_tables.py`` rewrites them)."""
+    assert _readme_tables().rewrite(README) == README, (
+        "the README's result tables differ from the reports: run "
+        "python benchmarks/readme_tables.py"
+    )
 
 
-APPENDIX_TABLES = [  # report, its table's section, the README's anchors of the two tables
-    (APPENDIX, "## cifar10", "**The CIFAR-10 appendix", "What input noise does, paired by set"),
-    (MNIST_APPENDIX, "## mnist", "**Appendix on CPU** (MNIST", "**Input noise on MNIST, paired"),
-]
-
-
-@pytest.mark.parametrize("path, section, measured_at, paired_at", APPENDIX_TABLES,
-                         ids=lambda x: x.stem if isinstance(x, Path) else "")
-def test_readme_appendix_tables_are_the_reports(path, section, measured_at, paired_at):
-    committed = path.read_text(encoding="utf-8")
-    measured = _rows_after("| method | 10 |", below=section, text=committed)
-    shown = _rows_after("| method | 10 |", below=measured_at, text=README)
-    expected = []
-    for cells in measured:
-        row = [_readme_label(cells[0])]
-        for cell in cells[1:]:
-            match = re.fullmatch(r"([\d.]+)(?: ± [\d.]+)? \(([\d.]+); [-+][\d.]+\)"
-                                 r"(?: \[sets ([\d,]+)\])?", cell)
-            assert match, f"{path.name} cell {cell!r}"
-            sets = match[3]
-            where = "" if not sets else f", set{'s' if ',' in sets else ''} {sets}"
-            row.append(f"{match[1]} ({match[2]}){where}")
-        expected.append(row)
-    assert shown == expected, f"the README's table of {path.name} is not the report's"
-
-    paired = _rows_after("| per class | method |", below="input noise, paired by set",
-                         text=committed)
-    shown = _rows_after("| per class | method |", below=paired_at, text=README)
-    assert shown == paired, f"the README's paired input-noise table is not {path.name}'s"
-    (total,) = [line for line in committed.splitlines() if line.startswith("Input noise is")]
-    assert total in README, f"the README lacks {path.name}'s count: {total!r}"
+def test_readme_tables_copies_each_kind_of_table(tmp_path: Path):
+    tables = _readme_tables()
+    report = [
+        "## cifar10", "", "| method | 10 | 2000 |", "|---|---|---|",
+        "| recon_all_denoise [l2_reduction=mean] | 73.41 ± 0.67 (75.76; -2.35) | "
+        "31.59 ± 0.16 (30.54; +1.05) [sets 1,2] |", "",
+        "## cifar10: input noise, paired by set", "", "| per class | method | mean (paper) |",
+        "|---|---|---:|", "| 10 | recon_all_denoise [l2_reduction=mean] | +0.32 (+2.43) |", "",
+        "Input noise is worse on 2 of 3 set pairs.", "",
+        "## cifar10: against feed-forward, paired by set", "",
+        "| per class | method | mean (paper) |", "|---|---|---:|",
+        "| 10 | proposed_base | -0.36 (-2.20) |", "| all | proposed_base | +0.75 (-0.35) |",
+    ]
+    (tmp_path / "r.md").write_text("\n".join(report))
+    readme = "\n".join([
+        "**A**", "| method | 10 |", "|---|---|", "| old | 1 (2) |", "",
+        "**B**", "| per class | method |", "|---|---|", "| 10 | old |", "",
+        "Input noise is worse on 0 of 3 set pairs.", "",
+        "**C**", "| method | 10 | 20 | all |", "|---|---|---|---|", "| proposed_base | x | y | z |",
+    ])
+    out = tables.rewrite(readme, tmp_path, [
+        ("r.md", "## cifar10", "**A**", "| method |", tables.measured_table, None),
+        ("r.md", "## cifar10", "**B**", "| per class |", tables.paired_table("input noise"),
+         tables.COUNT),
+        ("r.md", "## cifar10", "**C**", "| method |",
+         tables.paired_means("against feed-forward"), None),
+    ]).splitlines()
+    assert out[:4] == ["**A**", "| method | 10 | 2000 |", "|---|---|---|",
+                       "| `recon_all_denoise`, `l2_reduction=mean` | 73.41 (75.76) | "
+                       "31.59 (30.54), sets 1,2 |"]
+    assert out[6:9] == report[8:11]  # the paired table as it is
+    assert out[10] == "Input noise is worse on 2 of 3 set pairs."
+    assert out[-3:] == ["| method | 10 | 20 | all |", "|---|---|---|---|",
+                        "| proposed_base | -0.36 (-2.20) |  | +0.75 (-0.35) |"]
 
 
 @pytest.mark.parametrize("report", ["table1-cifar-cpu.md", "table1-mnist-merged.md"])
