@@ -47,14 +47,18 @@ def row(values: list[str]) -> str:
 
 
 def readme_label(report_label: str) -> str:
-    """A report label as the README writes it: ``recon_all_denoise [l2_reduction=mean]`` ->
-    ``recon_all_denoise``, ``l2_reduction=mean``, each in backticks."""
+    """A report label as the README writes it: ``proposed_base [noise_range=batch;y_space=logits]``
+    -> ``proposed_base``, ``noise_range=batch``, ``y_space=logits``, each in backticks."""
     method, _, options = report_label.partition(" [")
-    return f"`{method}`" + (f", `{options.rstrip(']')}`" if options else "")
+    parts = [method, *(options.rstrip("]").split(";") if options else [])]
+    return ", ".join(f"`{part}`" for part in parts)
 
 
 def mean_and_paper(cell: str) -> str:
-    """A report cell ``55.76 ± 0.52 (58.05; -2.30) [sets 1,2]`` as ``55.76 (58.05), sets 1,2``."""
+    """A report cell ``55.76 ± 0.52 (58.05; -2.30) [sets 1,2]`` as ``55.76 (58.05), sets 1,2``
+    (an empty cell, a size the method did not run, stays empty)."""
+    if not cell:
+        return ""
     match = re.fullmatch(r"([\d.]+)(?: ± [\d.]+)? \(([\d.]+); [-+][\d.]+\)"
                          r"(?: \[sets ([\d,]+)\])?", cell)
     if not match:
@@ -85,7 +89,7 @@ def paired_means(title: str) -> Callable[[list[str], str, list[str]], list[str]]
     and columns (the methods and sizes the README chose to show)."""
     def build(report: list[str], section: str, shown: list[str]) -> list[str]:
         start, end = table_at(report, f"{section}: {title}", "| per class | method |")
-        means = {(c[1], c[0]): c[2] for c in map(cells, report[start + 2:end])}
+        means = {(readme_label(c[1]), c[0]): c[2] for c in map(cells, report[start + 2:end])}
         sizes = cells(shown[0])[1:]
         return shown[:2] + [row([c[0], *(means.get((c[0], s), "") for s in sizes)])
                             for c in map(cells, shown[2:])]
@@ -97,6 +101,8 @@ COUNT = "Input noise is worse on"  # the count line under a paired input-noise t
 # (report, its dataset section, README text above the table, table header, builder, the
 # first line under the table that starts like this is the report's line that starts so)
 TABLES = [
+    ("table1-cifar-cpu.md", "## cifar10", "**CIFAR-10 on CPU**", "| method |", measured_table,
+     None),
     ("table1-cifar-cpu.md", "## cifar10", "**Paired by set against feed-forward**", "| method |",
      paired_means("against feed-forward"), None),
     ("appendix-mnist-cpu.md", "## mnist", "**Appendix on CPU** (MNIST", "| method |",
