@@ -160,3 +160,17 @@ def test_readme_counts_class_conditional_against_random_as_the_report(report: st
     assert claim in " ".join(README.split()), (
         f"the README does not give {report}'s count: {match[1]} ({match[2]})"
     )
+
+
+@pytest.mark.parametrize("method, phrase", [
+    ("proposed_base", "`proposed_base` is ahead of feed-forward on"),
+    ("perturb_random", "random noise on"),
+    ("perturb_class_conditional", "class-conditional noise on"),
+])
+def test_readme_counts_against_feed_forward_as_the_report(method: str, phrase: str):
+    text = TABLE1_REPORT.read_text(encoding="utf-8")
+    (line,) = [x for x in text.splitlines() if x.startswith("The methods are ahead of feed")]
+    match = re.search(rf"[:;] {method} (\d+ of \d+) \((\d+ of \d+)\)", line)
+    assert match, line
+    claim = f"{phrase} {match[1]} set pairs (the paper {match[2]})"
+    assert claim in " ".join(README.split()), f"the README does not say: {claim}"
