@@ -7,8 +7,9 @@ A CIFAR-10 run lands every hour or two, and each one changes cells of the report
 (``benchmarks/results/*.md``, rewritten by ``reproduce.py --report-only``). The README shows
 some of those tables; this script copies them over so that nobody retypes a cell, and
 ``tests/test_readme_results.py`` fails when the README and the reports disagree. Tables: the
-CIFAR-10 means against feed-forward, and for each appendix report its measured table (as
-``mean (paper)``), its paired input-noise table and the count line under it.
+MNIST and CIFAR-10 Table 1 means (as ``mean (paper)``), the CIFAR-10 means against
+feed-forward, and for each appendix report its measured table, its paired input-noise table
+and the count line under it.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ COUNT = "Input noise is worse on"  # the count line under a paired input-noise t
 # (report, its dataset section, README text above the table, table header, builder, the
 # first line under the table that starts like this is the report's line that starts so)
 TABLES = [
+    ("table1-mnist-merged.md", "## mnist", "**MNIST Table 1, all 162 runs**", "| method |",
+     measured_table, None),
     ("table1-cifar-cpu.md", "## cifar10", "**CIFAR-10 on CPU**", "| method |", measured_table,
      None),
     ("table1-cifar-cpu.md", "## cifar10", "**Paired by set against feed-forward**", "| method |",
