@@ -34,24 +34,22 @@ def _all_column() -> dict[tuple[str, str], dict[int, float]]:
     return runs
 
 
-def _rows_after(header: str, below: str = "", text: str = README) -> list[list[str]]:
-    """The cells of the first table of ``text`` whose header starts with ``header``, below
-    the line that holds ``below``."""
-    lines = text.splitlines()
-    anchor = next(i for i, line in enumerate(lines) if below in line)
-    start = next(i for i in range(anchor, len(lines)) if lines[i].startswith(header))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
+def _readme_tables():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import readme_tables
+
+    return readme_tables
 
 
 def test_per_set_table_matches_the_results_file():
     runs = _all_column()
     shown_keys = set()
-    for cells in _rows_after("| method (paper) | set 1 | set 2 | set 3 |"):
+    tables = _readme_tables()
+    lines = README.splitlines()
+    start, end = tables.table_at(lines, "", "| method (paper) | set 1 | set 2 | set 3 |")
+    for cells in map(tables.cells, lines[start + 2 : end]):
         label = re.sub(r" \([\d.]+\)$", "", cells[0])
         key = (label.split(" ")[0].strip("`"), "l2_reduction=mean" if "(mean L2)" in label else "")
         sets = runs.get(key, {})
@@ -93,15 +91,6 @@ def test_reports_are_written_from_the_committed_csvs(path: Path):
         f"{path.name} is not the report of the committed CSVs: regenerate it with the "
         "command on its `Command:` line and --report-only"
     )
-
-
-def _readme_tables():
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from benchmarks import readme_tables
-
-    return readme_tables
 
 
 def test_readme_tables_are_the_reports():
@@ -150,27 +139,22 @@ def test_readme_tables_copies_each_kind_of_table(tmp_path: Path):
                         "| `proposed_base` | -0.36 (-2.20) |  | +0.75 (-0.35) |"]
 
 
-@pytest.mark.parametrize("report", ["table1-cifar-cpu.md", "table1-mnist-merged.md"])
-def test_readme_counts_class_conditional_against_random_as_the_report(report: str):
-    text = (ROOT / "benchmarks" / "results" / report).read_text(encoding="utf-8")
-    (line,) = [x for x in text.splitlines() if x.startswith("Class-conditional noise is ahead")]
-    match = re.search(r"[:;] perturb_class_conditional (\d+ of \d+) \((\d+ of \d+)\)", line)
-    assert match, line
-    claim = f"ahead of random noise on {match[1]} set pairs (the paper {match[2]}"
-    assert claim in " ".join(README.split()), (
-        f"the README does not give {report}'s count: {match[1]} ({match[2]})"
-    )
-
-
-@pytest.mark.parametrize("method, phrase", [
-    ("proposed_base", "`proposed_base` is ahead of feed-forward on"),
-    ("perturb_random", "random noise on"),
-    ("perturb_class_conditional", "class-conditional noise on"),
+@pytest.mark.parametrize("report, line_start, method, phrase, close", [
+    ("table1-cifar-cpu.md", "Class-conditional noise is ahead", "perturb_class_conditional",
+     "ahead of random noise on", ""),
+    ("table1-mnist-merged.md", "Class-conditional noise is ahead", "perturb_class_conditional",
+     "ahead of random noise on", ""),
+    ("table1-cifar-cpu.md", "The methods are ahead of feed", "proposed_base",
+     "`proposed_base` is ahead of feed-forward on", ")"),
+    ("table1-cifar-cpu.md", "The methods are ahead of feed", "perturb_random",
+     "random noise on", ")"),
+    ("table1-cifar-cpu.md", "The methods are ahead of feed", "perturb_class_conditional",
+     "class-conditional noise on", ")"),
 ])
-def test_readme_counts_against_feed_forward_as_the_report(method: str, phrase: str):
-    text = TABLE1_REPORT.read_text(encoding="utf-8")
-    (line,) = [x for x in text.splitlines() if x.startswith("The methods are ahead of feed")]
+def test_readme_counts_of_set_pairs_are_the_reports(report, line_start, method, phrase, close):
+    text = (ROOT / "benchmarks" / "results" / report).read_text(encoding="utf-8")
+    (line,) = [x for x in text.splitlines() if x.startswith(line_start)]
     match = re.search(rf"[:;] {method} (\d+ of \d+) \((\d+ of \d+)\)", line)
     assert match, line
-    claim = f"{phrase} {match[1]} set pairs (the paper {match[2]})"
-    assert claim in " ".join(README.split()), f"the README does not say: {claim}"
+    claim = f"{phrase} {match[1]} set pairs (the paper {match[2]}{close}"
+    assert claim in " ".join(README.split()), f"the README does not say ({report}): {claim}"
