@@ -8,17 +8,35 @@ A CIFAR-10 run lands every hour or two, and each one changes cells of the report
 some of those tables; this script copies them over so that nobody retypes a cell, and
 ``tests/test_readme_results.py`` fails when the README and the reports disagree. Tables: the
 MNIST and CIFAR-10 Table 1 means (as ``mean (paper)``), the CIFAR-10 means against
-feed-forward, and for each appendix report its measured table, its paired input-noise table
-and the count line under it.
+feed-forward, for each appendix report its measured table, its paired input-noise table
+and the count line under it, and (from ``table1-cifar-cpu.csv``, as no report has it) the
+CIFAR-10 ``all`` column set by set.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from statistics import mean
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.paper_tables import TABLE1
+from benchmarks.reproduce import (
+    feed_forward_base,
+    label,
+    labels_in_order,
+    method_of,
+    paired_differences,
+    paper_difference,
+    signed,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -97,6 +115,30 @@ def paired_means(title: str) -> Callable[[list[str], str, list[str]], list[str]]
     return build
 
 
+def per_set_table(size: str = "all") -> Callable[[list[str], str, list[str]], list[str]]:
+    """From a results CSV (the lines in place of a report's): each method's test error set by
+    set at ``size``, and its mean minus feed-forward's over the same sets, the difference of
+    the paper's numbers in brackets. A column the reports do not have: their cells are means
+    and their paired tables differences, and at ``all`` a set is an hour or more of CPU."""
+    def build(csv_lines: list[str], section: str, shown: list[str]) -> list[str]:
+        dataset = section.removeprefix("## ")
+        runs = [r for r in csv.DictReader(csv_lines)
+                if r["dataset"] == dataset and r["per_class"] == size]
+        errors = {(label(r), int(r["split"])): r["test_error"] for r in runs}
+        against = paired_differences(runs, (), feed_forward_base)
+        lines = shown[:2]
+        for name in labels_in_order(dataset, summarize(runs)):
+            method = method_of(name)
+            by_set = against.get((dataset, name, size))
+            versus = signed(mean(by_set.values()),
+                            paper_difference(dataset, method, "feed_forward", size, None)
+                            ) if by_set else "—"
+            lines.append(row([f"{readme_label(name)} ({TABLE1[dataset][method][size]:.2f})",
+                              *(errors.get((name, s), "—") for s in (1, 2, 3)), versus]))
+        return lines
+    return build
+
+
 COUNT = "Input noise is worse on"  # the count line under a paired input-noise table
 
 # (report, its dataset section, README text above the table, table header, builder, the
@@ -106,6 +148,8 @@ TABLES = [
      measured_table, None),
     ("table1-cifar-cpu.md", "## cifar10", "**CIFAR-10 on CPU**", "| method |", measured_table,
      None),
+    ("table1-cifar-cpu.csv", "## cifar10", "At `all` the runs take", "| method (paper) |",
+     per_set_table(), None),
     ("table1-cifar-cpu.md", "## cifar10", "**Paired by set against feed-forward**", "| method |",
      paired_means("against feed-forward"), None),
     ("appendix-mnist-cpu.md", "## mnist", "**Appendix on CPU** (MNIST", "| method |",

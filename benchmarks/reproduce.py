@@ -306,7 +306,7 @@ def paper_difference(dataset: str, method: str, base: str, size, splits: list[in
         return None
 
 
-def _signed(measured: float, paper: float | None) -> str:
+def signed(measured: float, paper: float | None) -> str:
     """``+0.09 (-0.12)``; rounded at 1e-9 first, so that a mean of differences of
     two-decimal errors rounds as in decimal (0.085 to 0.09, not its float 0.08499...)."""
     text = lambda x: f"{round(x, 9):+.2f}"  # noqa: E731
@@ -340,8 +340,8 @@ def paired_section(rows: list[dict[str, str]], bases: list[dict[str, str]],
                          for s in by_set}
                 paper_mean = paper_difference(dataset, method, base_of(method), size,
                                               None if size == "all" else sorted(by_set))
-                row = [_signed(mean(by_set.values()), paper_mean)]
-                row += [_signed(by_set[s], paper[s]) if s in by_set else "" for s in (1, 2, 3)]
+                row = [signed(mean(by_set.values()), paper_mean)]
+                row += [signed(by_set[s], paper[s]) if s in by_set else "" for s in (1, 2, 3)]
                 lines.append(f"| {size} | {m} | " + " | ".join(row) + " |")
                 for s, d in by_set.items():
                     tally[m][0] += counted(d)
