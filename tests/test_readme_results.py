@@ -151,3 +151,26 @@ def test_readme_counts_of_set_pairs_are_the_reports(report, line_start, method, 
     assert match, line
     claim = f"{phrase} {match[1]} set pairs (the paper {match[2]}{close}"
     assert claim in " ".join(README.split()), f"the README does not say ({report}): {claim}"
+
+
+def test_readme_count_of_class_conditional_ahead_from_50_per_class_is_the_reports():
+    """The README's count over 50-2000 per class, a slice of the report's count line."""
+    tables = _readme_tables()
+    report = (ROOT / "benchmarks" / "results" / "table1-cifar-cpu.md").read_text(encoding="utf-8")
+    lines = report.splitlines()
+    start, end = tables.table_at(lines, "class-conditional against random noise",
+                                 "| per class | method |")
+    measured, paper = [0, 0], [0, 0]
+    for cell in map(tables.cells, lines[start + 2:end]):
+        if cell[1] != "perturb_class_conditional" or cell[0] == "all" or int(cell[0]) < 50:
+            continue
+        for text in filter(None, cell[3:]):
+            here, there = re.fullmatch(r"([-+][\d.]+) \(([-+][\d.]+)\)", text).groups()
+            measured[0] += float(here) < 0
+            measured[1] += 1
+            paper[0] += float(there) < 0
+            paper[1] += 1
+    paper_text = "all" if paper[0] == paper[1] else f"{paper[0]} of"
+    claim = (f"From 50 to 2000 per class the paper has it ahead on {paper_text} {paper[1]} set "
+             f"pairs, here on {measured[0]} of {measured[1]}")
+    assert claim in " ".join(README.split()), f"the README does not say: {claim}"
