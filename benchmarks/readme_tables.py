@@ -133,7 +133,8 @@ def per_set_table(size: str = "all") -> Callable[[list[str], str, list[str]], li
             versus = signed(mean(by_set.values()),
                             paper_difference(dataset, method, "feed_forward", size, None)
                             ) if by_set else "—"
-            lines.append(row([f"{readme_label(name)} ({TABLE1[dataset][method][size]:.2f})",
+            paper = TABLE1.get(dataset, {}).get(method, {}).get(size)  # none for a peer
+            lines.append(row([readme_label(name) + (f" ({paper:.2f})" if paper else ""),
                               *(errors.get((name, s), "—") for s in (1, 2, 3)), versus]))
         return lines
     return build

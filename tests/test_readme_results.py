@@ -114,7 +114,8 @@ def test_per_set_table_is_the_csv_set_by_set(tmp_path: Path):
     runs = [("feed_forward", "", 1, "22.30"), ("feed_forward", "", 2, "21.89"),
             ("feed_forward", "", 3, "22.20"), ("proposed_base", "", 2, "22.76"),
             ("proposed_base", "", 1, "22.93"), ("recon_all", "l2_reduction=mean", 1, "22.64"),
-            ("proposed_base", "", 3, "9.99")]  # at 2000 below, not at all
+            ("proposed_base", "", 3, "9.99"),  # at 2000 below, not at all
+            ("manifold_mixup", "", 1, "21.50")]  # a peer: no paper number
     lines = ["dataset,method,per_class,split,test_error,device,epochs,options"]
     lines += [f"cifar10,{m},{'2000' if e == '9.99' else 'all'},{s},{e},cpu,120,{o}"
               for m, o, s, e in runs]
@@ -129,6 +130,7 @@ def test_per_set_table_is_the_csv_set_by_set(tmp_path: Path):
         "| `feed_forward` (17.80) | 22.30 | 21.89 | 22.20 | — |",
         "| `recon_all`, `l2_reduction=mean` (22.71) | 22.64 | — | — | +0.34 (+4.91) |",
         "| `proposed_base` (17.45) | 22.93 | 22.76 | — | +0.75 (-0.35) |",
+        "| `manifold_mixup` | 21.50 | — | — | -0.80 |",
     ]
 
 
