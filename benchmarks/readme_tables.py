@@ -26,7 +26,6 @@ from statistics import mean
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.paper_tables import TABLE1
 from benchmarks.reproduce import (
     feed_forward_base,
     label,
@@ -34,6 +33,7 @@ from benchmarks.reproduce import (
     method_of,
     paired_differences,
     paper_difference,
+    paper_value,
     signed,
     summarize,
 )
@@ -133,8 +133,8 @@ def per_set_table(size: str = "all") -> Callable[[list[str], str, list[str]], li
             versus = signed(mean(by_set.values()),
                             paper_difference(dataset, method, "feed_forward", size, None)
                             ) if by_set else "—"
-            paper = TABLE1.get(dataset, {}).get(method, {}).get(size)  # none for a peer
-            lines.append(row([readme_label(name) + (f" ({paper:.2f})" if paper else ""),
+            paper = paper_value(dataset, method, size, [1, 2, 3])  # Table 1; none for a peer
+            lines.append(row([readme_label(name) + (f" ({paper:.2f})" if paper is not None else ""),
                               *(errors.get((name, s), "—") for s in (1, 2, 3)), versus]))
         return lines
     return build

@@ -158,8 +158,7 @@ def test_readme_counts_of_set_pairs_are_the_reports(report, line_start, method, 
 def test_readme_count_of_class_conditional_ahead_from_50_per_class_is_the_reports():
     """The README's count over 50-2000 per class, a slice of the report's count line."""
     tables = _readme_tables()
-    report = (ROOT / "benchmarks" / "results" / "table1-cifar-cpu.md").read_text(encoding="utf-8")
-    lines = report.splitlines()
+    lines = TABLE1_REPORT.read_text(encoding="utf-8").splitlines()
     start, end = tables.table_at(lines, "class-conditional against random noise",
                                  "| per class | method |")
     measured, paper = [0, 0], [0, 0]
