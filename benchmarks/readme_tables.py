@@ -115,11 +115,21 @@ def paired_means(title: str) -> Callable[[list[str], str, list[str]], list[str]]
     return build
 
 
+def set_cell(error: str | None, against: float | None) -> str:
+    """``22.93 (+0.63)``: a set's test error and its difference from feed-forward's on the
+    same set (feed-forward's own cell, or a set feed-forward lacks, without one); ``—`` for a
+    set that has not run. Each set's comparison in the table, so the prose need not retype it."""
+    if error is None:
+        return "—"
+    return error if against is None else f"{error} ({signed(against, None)})"
+
+
 def per_set_table(size: str = "all") -> Callable[[list[str], str, list[str]], list[str]]:
     """From a results CSV (the lines in place of a report's): each method's test error set by
-    set at ``size``, and its mean minus feed-forward's over the same sets, the difference of
-    the paper's numbers in brackets. A column the reports do not have: their cells are means
-    and their paired tables differences, and at ``all`` a set is an hour or more of CPU."""
+    set at ``size`` (with its difference from feed-forward's on that set), and its mean minus
+    feed-forward's over the same sets, the difference of the paper's numbers in brackets. A
+    column the reports do not have: their cells are means and their paired tables
+    differences, and at ``all`` a set is an hour or more of CPU."""
     def build(csv_lines: list[str], section: str, shown: list[str]) -> list[str]:
         dataset = section.removeprefix("## ")
         runs = [r for r in csv.DictReader(csv_lines)
@@ -135,7 +145,8 @@ def per_set_table(size: str = "all") -> Callable[[list[str], str, list[str]], li
                             ) if by_set else "—"
             paper = paper_value(dataset, method, size, [1, 2, 3])  # Table 1; none for a peer
             lines.append(row([readme_label(name) + (f" ({paper:.2f})" if paper is not None else ""),
-                              *(errors.get((name, s), "—") for s in (1, 2, 3)), versus]))
+                              *(set_cell(errors.get((name, s)), (by_set or {}).get(s))
+                                for s in (1, 2, 3)), versus]))
         return lines
     return build
 
