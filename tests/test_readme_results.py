@@ -137,11 +137,10 @@ def test_per_set_table_is_the_csv_set_by_set(tmp_path: Path):
 def test_readme_run_times_at_all_are_the_csvs():
     """The README's range of CIFAR-10 run times at ``all`` is the CSV's: it went stale twice
     when a slower run landed and nobody retyped it."""
-    import csv
+    from latent_aug.grid import ResultStore
 
-    path = ROOT / "benchmarks" / "results" / "table1-cifar-cpu.csv"
-    with path.open(newline="", encoding="utf-8") as f:
-        seconds = [float(r["seconds"]) for r in csv.DictReader(f) if r["per_class"] == "all"]
+    path = TABLE1_REPORT.with_suffix(".csv")
+    seconds = [float(r["seconds"]) for r in ResultStore(path).rows() if r["per_class"] == "all"]
     span = f"{round(min(seconds) / 60)}–{round(max(seconds) / 60)} minutes"
     text = " ".join(README.split())
     for claim in (f"to {span} at `all`", f"At `all` the runs take {span} each"):
