@@ -139,13 +139,13 @@ def per_set_table(size: str = "all") -> Callable[[list[str], str, list[str]], li
         lines = shown[:2]
         for name in labels_in_order(dataset, summarize(runs)):
             method = method_of(name)
-            by_set = against.get((dataset, name, size))
+            by_set = against.get((dataset, name, size), {})
             versus = signed(mean(by_set.values()),
                             paper_difference(dataset, method, "feed_forward", size, None)
                             ) if by_set else "—"
             paper = paper_value(dataset, method, size, [1, 2, 3])  # Table 1; none for a peer
             lines.append(row([readme_label(name) + (f" ({paper:.2f})" if paper is not None else ""),
-                              *(set_cell(errors.get((name, s)), (by_set or {}).get(s))
+                              *(set_cell(errors.get((name, s)), by_set.get(s))
                                 for s in (1, 2, 3)), versus]))
         return lines
     return build
