@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from latent_aug.grid import ResultStore
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 APPENDIX = ROOT / "benchmarks" / "results" / "appendix-cifar-cpu.md"
@@ -39,7 +41,6 @@ def _report(path: Path) -> tuple[str, str]:
 
     sys.path.insert(0, str(ROOT))
     from benchmarks.reproduce import paired_rows, parser, report
-    from latent_aug.grid import ResultStore
 
     committed = path.read_text(encoding="utf-8")
     header = next(line for line in committed.splitlines() if line.startswith("Command: `"))
@@ -137,8 +138,6 @@ def test_per_set_table_is_the_csv_set_by_set(tmp_path: Path):
 def test_readme_run_times_at_all_are_the_csvs():
     """The README's range of CIFAR-10 run times at ``all`` is the CSV's: it went stale twice
     when a slower run landed and nobody retyped it."""
-    from latent_aug.grid import ResultStore
-
     path = TABLE1_REPORT.with_suffix(".csv")
     seconds = [float(r["seconds"]) for r in ResultStore(path).rows() if r["per_class"] == "all"]
     span = f"{round(min(seconds) / 60)}–{round(max(seconds) / 60)} minutes"
