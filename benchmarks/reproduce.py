@@ -287,6 +287,15 @@ def paired_differences(rows: list[dict[str, str]], bases: list[dict[str, str]] =
     return dict(diffs)
 
 
+def paper_at_all(dataset: str, method: str) -> float | None:
+    """The paper's one number for ``method`` trained on the whole training set: Table 1's,
+    or, for a method Table 1 lacks (the denoising variants), the ``all`` column of its set-1
+    appendix table, the only appendix table with that column."""
+    if method in TABLE1.get(dataset, {}):
+        return TABLE1[dataset][method].get("all")
+    return PER_SET.get(dataset, {}).get(method, {}).get(1, {}).get("all")
+
+
 def paper_difference(dataset: str, method: str, base: str, size, splits: list[int] | None
                      ) -> float | None:
     """The paper's mean over ``splits`` of (``method`` - ``base``), set by set. At ``all``
@@ -295,10 +304,10 @@ def paper_difference(dataset: str, method: str, base: str, size, splits: list[in
     if size == "all":
         if splits is not None and len(splits) == 1:
             return None
-        try:
-            return TABLE1[dataset][method][size] - TABLE1[dataset][base][size]
-        except KeyError:
+        method_all, base_all = paper_at_all(dataset, method), paper_at_all(dataset, base)
+        if method_all is None or base_all is None:
             return None
+        return method_all - base_all
     per = PER_SET.get(dataset, {})
     try:
         return mean(per[method][s][size] - per[base][s][size] for s in splits)
