@@ -189,7 +189,10 @@ def summarize(rows: list[dict[str, str]]) -> dict[tuple, dict]:
 
 
 def paper_value(dataset: str, method: str, size, splits: list[int]) -> float | None:
-    """The paper's mean over the same sets (Table 1 when all three ran)."""
+    """The paper's mean over the same sets (Table 1 when all three ran); at ``all``, for
+    any sets, its one number for the method (:func:`paper_at_all`)."""
+    if size == "all":
+        return paper_at_all(dataset, method)
     if sorted(splits) == [1, 2, 3] and method in TABLE1.get(dataset, {}):
         return TABLE1[dataset][method].get(size)
     per = PER_SET.get(dataset, {}).get(method, {})

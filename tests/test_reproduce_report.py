@@ -223,7 +223,7 @@ def test_input_noise_is_paired_by_set_size_options_and_device():
 def test_a_denoising_variant_at_all_is_paired_with_the_papers_set_one_all_column():
     # Table 1 has no denoising variants: the paper's number at `all` for them is the `all`
     # column of their set-1 appendix table
-    from benchmarks.reproduce import INPUT_NOISE, paired_section
+    from benchmarks.reproduce import INPUT_NOISE, paired_section, paper_value
 
     noisy = [_row("recon_one_denoise", "all", 1, 27.46), _row("recon_one_denoise", "all", 2, 27.0)]
     bases = [_row("recon_one", "all", 1, 21.86), _row("recon_one", "all", 2, 22.50)]
@@ -231,6 +231,9 @@ def test_a_denoising_variant_at_all_is_paired_with_the_papers_set_one_all_column
     # the paper: 21.73 (Table 3, set 1, all) - 17.68 (Table 1, recon_one, all)
     assert "| all | recon_one_denoise | +5.05 (+4.05) | +5.60 | +4.50 |  |" in text
     assert "worse on 2 of 2 set pairs; by method: recon_one_denoise 2 of 2." in text
+    # its measured mean at `all` over sets 1 and 2 stands beside that same paper number
+    assert paper_value("cifar10", "recon_one_denoise", "all", [1, 2]) == 21.73
+    assert paper_value("cifar10", "recon_one", "all", [1, 2]) == 17.68
 
 
 def test_methods_are_paired_with_feed_forward_whatever_their_options():
